@@ -1,0 +1,83 @@
+"""Batched augmentation on the training device: one call per batch, per-sample random parameters.
+
+Every random number comes from the `generator` passed in, so an epoch's augmentation is a
+function of its seed. No per-sample Python: flips are a masked select, colour jitter is
+broadcast arithmetic, translation/scale is one `affine_grid` + `grid_sample`, blur is one
+depthwise convolution blended in by a mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LEVELS = ("none", "light", "default")
+
+
+@dataclass(frozen=True)
+class AugmentStrength:
+    flip: float = 0.5
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    translate: float = 0.0  # fraction of the image size
+    scale: float = 0.0      # +- relative zoom
+    blur_p: float = 0.0
+    noise_p: float = 0.0
+    noise_std: float = 0.0
+
+
+STRENGTH = {
+    "light": AugmentStrength(brightness=0.15, contrast=0.15, saturation=0.15),
+    "default": AugmentStrength(brightness=0.25, contrast=0.25, saturation=0.25, translate=0.06, scale=0.08,
+                               blur_p=0.2, noise_p=0.2, noise_std=0.03),
+}
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _uniform(n: int, spread: float, generator, device) -> torch.Tensor:
+    """n factors in [1 - spread, 1 + spread], shaped to broadcast over [N, C, H, W]."""
+    return (1.0 + spread * (2.0 * torch.rand(n, generator=generator, device=device) - 1.0)).view(n, 1, 1, 1)
+
+
+def augment_batch(x: torch.Tensor, level: str, generator: torch.Generator) -> torch.Tensor:
+    """x: float RGB in [0, 1], [N, 3, H, W], on the generator's device. Returns a new tensor."""
+    if level == "none":
+        return x
+    s = STRENGTH[level]
+    n, device = x.shape[0], x.device
+
+    flip = torch.rand(n, generator=generator, device=device) < s.flip
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+
+    luma = torch.tensor(_LUMA, device=device, dtype=x.dtype).view(1, 3, 1, 1)
+    x = x * _uniform(n, s.brightness, generator, device)
+    mean = (x * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    x = (x - mean) * _uniform(n, s.contrast, generator, device) + mean
+    grey = (x * luma).sum(1, keepdim=True)
+    x = (x - grey) * _uniform(n, s.saturation, generator, device) + grey
+
+    if s.translate or s.scale:
+        zoom = 1.0 / _uniform(n, s.scale, generator, device).view(n)
+        shift = s.translate * 2.0 * (2.0 * torch.rand(n, 2, generator=generator, device=device) - 1.0)
+        theta = torch.zeros(n, 2, 3, device=device, dtype=x.dtype)
+        theta[:, 0, 0], theta[:, 1, 1] = zoom, zoom
+        theta[:, :, 2] = shift
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    if s.blur_p:
+        kernel = torch.tensor([1.0, 2.0, 1.0], device=device, dtype=x.dtype)
+        kernel = (kernel[:, None] * kernel[None, :] / 16.0).expand(3, 1, 3, 3)
+        blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+        mask = (torch.rand(n, generator=generator, device=device) < s.blur_p).view(n, 1, 1, 1)
+        x = torch.where(mask, blurred, x)
+
+    if s.noise_p:
+        sigma = s.noise_std * torch.rand(n, generator=generator, device=device)
+        sigma = sigma * (torch.rand(n, generator=generator, device=device) < s.noise_p)
+        x = x + sigma.view(n, 1, 1, 1) * torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+
+    return x.clamp_(0.0, 1.0)

@@ -1,0 +1,170 @@
+"""Named parameter groups, freezing stages, and the warmup -> plateau learning-rate schedule.
+
+Groups are `backbone`, `head` and `margin_head`, each split into decay / no-decay (1-D params:
+norms, biases, layer scales). Frozen parameters stay in the optimizer with requires_grad=False
+(AdamW skips parameters without gradients), so unfreezing needs no rebuild.
+
+The schedule is written out by hand because a per-step warmup cannot hand over to
+ReduceLROnPlateau through SequentialLR (pytorch issue 68978):
+    lr(group) = max(base_lr(group) * plateau_scale(group), min_lr) * warmup(group, step)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import Stage
+from .model import OcecModel, parameter_group_of
+
+GROUPS = ("backbone", "head", "margin_head")
+
+
+def build_optimizer(model: nn.Module, group_lrs: dict[str, float], weight_decay: float) -> torch.optim.AdamW:
+    groups = []
+    for group in GROUPS:
+        params = [(n, p) for n, p in model.named_parameters() if parameter_group_of(n) == group]
+        decay = [p for n, p in params if p.ndim > 1]
+        no_decay = [p for n, p in params if p.ndim <= 1]
+        for suffix, members, wd in (("", decay, weight_decay), ("_no_decay", no_decay, 0.0)):
+            if members:
+                groups.append({"params": members, "name": group + suffix, "group": group,
+                               "lr": group_lrs[group], "weight_decay": wd})
+    return torch.optim.AdamW(groups, lr=group_lrs["head"])
+
+
+# --- freezing ---------------------------------------------------------------------------------
+
+def backbone_units(model: OcecModel) -> list[str]:
+    return model.backbone.unit_names()
+
+
+def trainable_units(unit_names: list[str], fraction: float) -> list[str]:
+    """The last ceil(fraction * units) units, counted from the output side (the stem comes last)."""
+    count = math.ceil(fraction * len(unit_names) - 1e-9)
+    return unit_names[len(unit_names) - count:] if count > 0 else []
+
+
+def set_backbone_fraction(model: OcecModel, fraction: float) -> list[str]:
+    """Make only the last `fraction` of backbone units trainable; returns their names."""
+    names = backbone_units(model)
+    chosen = set(trainable_units(names, fraction))
+    for unit in names:
+        for p in model.backbone.get_submodule(unit).parameters():
+            p.requires_grad_(unit in chosen)
+    return [n for n in names if n in chosen]
+
+
+def freeze_batchnorm_statistics(model: nn.Module) -> None:
+    """Put BatchNorm layers whose parameters are all frozen in eval mode: their running statistics
+    stop updating too. Call after every `model.train()`."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters())
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+
+
+def active_stage(stages: list[Stage], epoch: int) -> Stage | None:
+    current = None
+    for stage in stages:
+        if stage.epoch <= epoch:
+            current = stage
+    return current
+
+
+# --- learning-rate schedule ---------------------------------------------------------------------
+
+class LRSchedule:
+    """Per-step linear warmup, then ReduceLROnPlateau-style decay driven by an epoch metric.
+
+    Plateau semantics follow torch's ReduceLROnPlateau (relative threshold 1e-4; reduce when the
+    number of epochs without improvement exceeds `patience`); epochs still in warmup do not count.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, base_lrs: dict[str, float], steps_per_epoch: int,
+                 warmup_epochs: float, factor: float, patience: int, mode: str = "min", min_lr: float = 0.0):
+        self.optimizer = optimizer
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.base = dict(base_lrs)
+        self.scale = {g: 1.0 for g in self.base}
+        warmup = int(round(warmup_epochs * self.steps_per_epoch))
+        self.warmup_start = {g: 0 for g in self.base}
+        self.warmup_steps = {g: warmup for g in self.base}
+        self.global_warmup_steps = warmup
+        self.factor, self.patience, self.mode, self.min_lr = factor, patience, mode, min_lr
+        self.step_count = 0
+        self.best: float | None = None
+        self.bad_epochs = 0
+        self.apply()
+
+    def lr(self, group: str) -> float:
+        done = self.step_count - self.warmup_start[group] + 1
+        warm = 1.0 if self.warmup_steps[group] <= 0 else min(1.0, max(done, 1) / self.warmup_steps[group])
+        return max(self.base[group] * self.scale[group], self.min_lr) * warm
+
+    def lrs(self) -> dict[str, float]:
+        return {g: self.lr(g) for g in self.base}
+
+    def apply(self) -> None:
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = self.lr(param_group["group"])
+
+    def step(self) -> None:
+        """Advance one optimizer step and set the learning rates for the next one."""
+        self.step_count += 1
+        self.apply()
+
+    def restart_warmup(self, group: str, epochs: float, base_lr: float | None = None) -> None:
+        """A stage change: `group` warms up again (to a new base LR if given; the plateau scale resets)."""
+        if base_lr is not None:
+            self.base[group] = base_lr
+            self.scale[group] = 1.0
+        self.warmup_start[group] = self.step_count
+        self.warmup_steps[group] = int(round(epochs * self.steps_per_epoch))
+        self.bad_epochs = 0
+        self.apply()
+
+    def set_base(self, group: str, base_lr: float) -> None:
+        self.base[group] = base_lr
+        self.scale[group] = 1.0
+        self.apply()
+
+    def in_warmup(self) -> bool:
+        return self.step_count < self.global_warmup_steps
+
+    def end_epoch(self, metric: float | None) -> bool:
+        """Feed the epoch's plateau metric; returns True when the learning rates were reduced."""
+        if self.in_warmup() or metric is None or not math.isfinite(metric):
+            return False
+        if self.best is None:
+            improved = True
+        elif self.mode == "min":
+            improved = metric < self.best * (1.0 - 1e-4) if self.best > 0 else metric < self.best
+        else:
+            improved = metric > self.best * (1.0 + 1e-4) if self.best > 0 else metric > self.best
+        if improved:
+            self.best, self.bad_epochs = metric, 0
+            return False
+        self.bad_epochs += 1
+        if self.bad_epochs <= self.patience:
+            return False
+        self.bad_epochs = 0
+        for group in self.scale:
+            self.scale[group] *= self.factor
+        self.apply()
+        return True
+
+    def state_dict(self) -> dict:
+        return {"base": dict(self.base), "scale": dict(self.scale), "warmup_start": dict(self.warmup_start),
+                "warmup_steps": dict(self.warmup_steps), "global_warmup_steps": self.global_warmup_steps,
+                "step_count": self.step_count, "best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("base", "scale", "warmup_start", "warmup_steps"):
+            getattr(self, key).update(state[key])
+        self.global_warmup_steps = state["global_warmup_steps"]
+        self.step_count, self.best, self.bad_epochs = state["step_count"], state["best"], state["bad_epochs"]
+        self.apply()

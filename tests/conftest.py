@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny synthetic parquet datasets made by `ocec.synth`, a tiny trained run, and
+helpers that drive the real CLI (in-process for speed, as a subprocess where signals matter)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from ocec.cli import main
+from ocec.synth import write_synthetic
+
+FIXTURES = Path(__file__).parent / "fixtures"
+# Small enough that a 2-epoch run takes about a second on 2 CPU cores.
+TINY = ["--image_size", "16x32", "--base_channels", "8", "--num_blocks", "2", "--batch_size", "32",
+        "--num_workers", "0", "--warmup_epochs", "0", "--device", "cpu", "--lr", "3e-3"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Never write to ~/.cache during tests."""
+    os.environ["OCEC_CACHE_DIR"] = str(tmp_path_factory.mktemp("ocec-cache"))
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def ocec(capsys):
+    """Run `python -m ocec ...` in-process; returns exit code, stdout and stderr."""
+
+    def run(*args) -> Result:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def run_subprocess(*args, timeout=240, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ocec", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
+
+
+def only_run(output_dir: Path) -> Path:
+    runs = sorted(p for p in Path(output_dir).iterdir() if p.is_dir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def history(run_dir: Path, drop=("seconds", "images_per_s")) -> list[dict]:
+    rows = json.loads((Path(run_dir) / "history.json").read_text())
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+@pytest.fixture(scope="session")
+def data_a(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data_a")
+    write_synthetic(folder, 240, seed=1, style="a")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_b(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data_b")
+    write_synthetic(folder, 240, seed=2, style="b")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_a) -> Path:
+    """A 3-epoch tiny run on dataset A with the default cosface head (val F1 about 0.97)."""
+    out = tmp_path_factory.mktemp("trained")
+    assert main(["train", "--data_root", data_a, "--output_dir", out, "--epochs", 3, *TINY, "--batch_size", 8]) == 0
+    return only_run(out)
+
+
+@pytest.fixture(scope="session")
+def bce_run(tmp_path_factory, data_a) -> Path:
+    """A 3-epoch tiny run with --margin_method none (a one-logit BCE model, like the upstream trainer's)."""
+    out = tmp_path_factory.mktemp("trained_bce")
+    assert main(["train", "--data_root", data_a, "--output_dir", out, "--epochs", 3, "--margin_method", "none",
+                 *TINY, "--batch_size", 8]) == 0
+    return only_run(out)

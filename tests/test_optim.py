@@ -1,0 +1,140 @@
+"""Parameter groups, the warmup -> plateau schedule, freezing stages and their parsing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ocec.config import ModelConfig, Stage, TrainConfig, parse_stages
+from ocec.errors import UserError
+from ocec.model import build_model
+from ocec.optim import (LRSchedule, active_stage, build_optimizer, freeze_batchnorm_statistics,
+                        set_backbone_fraction, trainable_units)
+
+LRS = {"backbone": 1e-4, "head": 1e-3, "margin_head": 2e-3}
+
+
+def _schedule(steps_per_epoch=10, warmup_epochs=2.0, factor=0.5, patience=1, mode="min", min_lr=0.0):
+    model = build_model(ModelConfig(base_channels=8, num_blocks=2, image_size=(16, 32)))
+    opt = build_optimizer(model, LRS, weight_decay=1e-4)
+    return opt, LRSchedule(opt, LRS, steps_per_epoch, warmup_epochs, factor, patience, mode, min_lr)
+
+
+def _lr_of(opt, group):
+    return {g["name"]: g["lr"] for g in opt.param_groups}[group]
+
+
+def test_groups_are_named_and_norms_have_no_weight_decay():
+    opt, _ = _schedule()
+    names = [g["name"] for g in opt.param_groups]
+    assert names == ["backbone", "backbone_no_decay", "head_no_decay", "margin_head"]
+    for g in opt.param_groups:
+        assert g["weight_decay"] == (0.0 if g["name"].endswith("_no_decay") else 1e-4)
+        assert all((p.ndim <= 1) == g["name"].endswith("_no_decay") for p in g["params"])
+
+
+def test_linear_warmup_per_step_then_full_group_rates():
+    opt, sched = _schedule(steps_per_epoch=10, warmup_epochs=2.0)
+    assert _lr_of(opt, "head_no_decay") == pytest.approx(1e-3 / 20)  # first step
+    for _ in range(9):
+        sched.step()
+    assert _lr_of(opt, "head_no_decay") == pytest.approx(1e-3 * 10 / 20)  # after epoch 1
+    for _ in range(10):
+        sched.step()
+    assert sched.lrs() == pytest.approx(LRS)  # warmup done: each group at its own rate
+    assert _lr_of(opt, "backbone") == pytest.approx(1e-4) and _lr_of(opt, "margin_head") == pytest.approx(2e-3)
+
+
+def test_zero_warmup_starts_at_full_rate():
+    _, sched = _schedule(warmup_epochs=0)
+    assert sched.lrs() == pytest.approx(LRS)
+
+
+def test_plateau_reduces_all_groups_proportionally_after_patience():
+    opt, sched = _schedule(steps_per_epoch=1, warmup_epochs=1, factor=0.5, patience=1, min_lr=6e-5)
+    assert sched.end_epoch(1.0) is False  # still in warmup: ignored
+    sched.step()
+    losses = [1.0, 0.9, 0.95, 0.95, 0.8, 0.85, 0.85]
+    reduced = [sched.end_epoch(v) for v in losses]
+    assert reduced == [False, False, False, True, False, False, True]
+    # two reductions: x0.25, but the backbone is floored at min_lr
+    assert sched.lrs() == pytest.approx({"backbone": 6e-5, "head": 2.5e-4, "margin_head": 5e-4})
+
+
+def test_plateau_on_f1_maximises():
+    _, sched = _schedule(steps_per_epoch=1, warmup_epochs=0, patience=0, mode="max")
+    assert [sched.end_epoch(v) for v in (0.5, 0.6, 0.6)] == [False, False, True]
+
+
+def test_schedule_state_round_trips():
+    opt, sched = _schedule(steps_per_epoch=3, warmup_epochs=1)
+    for _ in range(5):
+        sched.step()
+    sched.end_epoch(0.4)
+    opt2, sched2 = _schedule(steps_per_epoch=3, warmup_epochs=1)
+    sched2.load_state_dict(sched.state_dict())
+    assert sched2.lrs() == sched.lrs() and sched2.best == 0.4 and sched2.step_count == 5
+
+
+def test_stage_restart_rewarms_only_the_backbone():
+    _, sched = _schedule(steps_per_epoch=10, warmup_epochs=0)
+    sched.restart_warmup("backbone", epochs=1, base_lr=3e-5)
+    assert sched.lr("backbone") == pytest.approx(3e-5 / 10)
+    assert sched.lr("head") == pytest.approx(1e-3)
+    for _ in range(9):
+        sched.step()
+    assert sched.lr("backbone") == pytest.approx(3e-5)
+
+
+def test_trainable_units_count_from_the_output_side_stem_last():
+    units = ["stem", "features.0", "features.1", "features.2", "features.3"]
+    assert trainable_units(units, 0.0) == []
+    assert trainable_units(units, 0.2) == ["features.3"]
+    assert trainable_units(units, 0.5) == ["features.1", "features.2", "features.3"]
+    assert trainable_units(units, 0.8) == units[1:]
+    assert trainable_units(units, 1.0) == units
+
+
+def test_set_backbone_fraction_and_frozen_batchnorm():
+    model = build_model(ModelConfig(base_channels=8, num_blocks=4, image_size=(16, 32)))
+    assert set_backbone_fraction(model, 0.4) == ["features.2", "features.3"]
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(("backbone.stem", "backbone.features.0", "backbone.features.1")) for n in frozen)
+    model.train()
+    freeze_batchnorm_statistics(model)
+    assert not model.backbone.stem[1].training and model.backbone.features[3].pointwise[1].training
+    assert model.head.norm.training
+
+
+def test_parse_stages_and_errors():
+    assert parse_stages("1:0:1e-4, 11:0.5:3e-5,1000:0.75") == [
+        Stage(1, 0.0, 1e-4), Stage(11, 0.5, 3e-5), Stage(1000, 0.75, None)]
+    for bad, message in [("1:0,1:0.5", "must increase"), ("1:1.5", r"\[0, 1\]"), ("0:0.5", ">= 1"),
+                         ("1:0.5,3:0.2", "cannot shrink"), ("a:b", "epoch:fraction"), ("2:0.5:-1", "positive")]:
+        with pytest.raises(UserError, match=message):
+            parse_stages(bad)
+
+
+def test_simple_flags_become_stages_and_conflict_with_stages():
+    assert TrainConfig(freeze_backbone=True).stage_plan() == [Stage(1, 0.0, None)]
+    cfg = TrainConfig(freeze_backbone=True, unfreeze_backbone_epoch=5, unfreeze_ratio=0.5, stage2_lr=2e-5)
+    assert cfg.stage_plan() == [Stage(1, 0.0, None), Stage(5, 0.5, 2e-5)]
+    assert TrainConfig(unfreeze_backbone_epoch=3).stage_plan() == [Stage(1, 0.0, None), Stage(3, 1.0, None)]
+    with pytest.raises(UserError, match="--stages replaces"):
+        TrainConfig(stages="1:0", freeze_backbone=True).validate()
+    assert active_stage(cfg.stage_plan(), 4) == Stage(1, 0.0, None)
+    assert active_stage(cfg.stage_plan(), 7) == Stage(5, 0.5, 2e-5)
+
+
+def test_adamw_skips_frozen_parameters():
+    model = build_model(ModelConfig(base_channels=8, num_blocks=2, image_size=(16, 32)))
+    opt = build_optimizer(model, LRS, 0.1)
+    set_backbone_fraction(model, 0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss, _ = model.margin_head.training_loss(model.embed(torch.rand(4, 3, 16, 32)), torch.tensor([0, 1, 0, 1]))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    for name, p in model.named_parameters():
+        changed = not torch.equal(before[name], p)
+        assert changed == (not name.startswith("backbone")), name
