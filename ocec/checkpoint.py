@@ -56,18 +56,29 @@ def load_file(path: str | Path, flag: str = "--pretrain") -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch.save zip, or a legacy pickle
+        raise UserError(f"{flag} {path}: not a PyTorch checkpoint (neither a torch.save zip nor a pickle)")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        detail = next((ln for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
-        raise UserError(f"{flag} {path}: refused: the file holds Python objects that could run code when loaded "
-                        f"({detail.strip() or 'not weights-only'}); only tensors and plain data are accepted") from None
+        text = str(exc)
+        if "global" in text.lower():
+            detail = next((ln.strip() for ln in text.splitlines() if "unsupported global" in ln.lower()), "")
+            raise UserError(f"{flag} {path}: refused: the file holds Python objects that could run code when "
+                            f"loaded ({detail[:160]}); only tensors and plain data are accepted") from None
+        raise UserError(f"{flag} {path}: not a readable checkpoint ({_first_sentence(text)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as exc:
-        raise UserError(f"{flag} {path}: not a readable PyTorch checkpoint (truncated or another format: "
-                        f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__})") from None
+        raise UserError(f"{flag} {path}: not a readable PyTorch checkpoint, truncated or damaged "
+                        f"({_first_sentence(str(exc)) or type(exc).__name__})") from None
     if not isinstance(data, dict):
         raise UserError(f"{flag} {path}: not an ocec checkpoint (holds a {type(data).__name__}, not a dict)")
     return data
+
+
+def _first_sentence(text: str) -> str:
+    return text.strip().splitlines()[0].split(". ")[0][:160] if text.strip() else ""
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Parquet -> validated rows -> splits -> decoded uint8 tensors, decoded once and cached.
 
 Reading is column-wise with pyarrow; only the metadata columns are read when the decoded
-cache is valid. Decoding (torchvision) runs once per dataset and image size, in worker
+cache is valid. Decoding (Pillow) runs once per dataset and image size, in worker
 processes, and the result ([N, 3, H, W] uint8) is cached on disk keyed by the parquet files'
 paths, sizes and mtimes and the image size. Training then never touches a file or a PIL image.
 """
@@ -9,6 +9,7 @@ paths, sizes and mtimes and the image size. Training then never touches a file o
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import multiprocessing
 import os
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from .errors import UserError
@@ -216,10 +218,12 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray | None, ratios: tuple[f
 # --- decoding ---------------------------------------------------------------------------------
 
 def decode_image_bytes(data, path: str, base_dir: str, size: tuple[int, int]) -> np.ndarray:
-    """Bytes (or the file at `path`, relative to `base_dir`) -> RGB uint8 [3, H, W] resized to `size`."""
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2.functional import resize
+    """Bytes (or the file at `path`, relative to `base_dir`) -> RGB uint8 [3, H, W] resized to `size`.
 
+    Pillow, not torchvision.io: torchvision's libpng path crashes the process (SIGSEGV) on some
+    corrupted PNGs, while Pillow raises. Pillow's bilinear resize is also what the upstream trainer
+    used (torchvision Resize on PIL images), so imported models see the same pixels.
+    """
     if data is None:
         if not path:
             raise ValueError("no image_bytes and no image_path")
@@ -234,13 +238,16 @@ def decode_image_bytes(data, path: str, base_dir: str, size: tuple[int, int]) ->
         raise ValueError("empty image")
     try:
         with warnings.catch_warnings():
-            # torchvision 0.29 deprecates its codecs in favour of torchcodec; they still work, and the
-            # design keeps dependencies to torchvision. Revisit when torchvision drops them.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as exc:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.mode.startswith("I;16"):  # 16-bit grey: keep the high byte
+                    image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+                image = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                pixels = np.asarray(image)
+    except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
         raise ValueError(f"undecodable image ({_first_line(exc)})") from None
-    return resize(image, list(size), antialias=True).numpy()
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def _decode_chunk(task: tuple) -> tuple[int, np.ndarray, list[tuple[int, str]]]:
@@ -262,17 +269,17 @@ def _worker_init() -> None:
 def _chunks(table: Table, size: tuple[int, int]):
     offset = 0
     for path in table.files:
-        parquet = pq.ParquetFile(path)
-        columns = [c for c in ("image_bytes", "image_path") if c in parquet.schema_arrow.names]
-        for batch in parquet.iter_batches(batch_size=DECODE_CHUNK, columns=columns):
-            n = batch.num_rows
-            try:
+        try:
+            parquet = pq.ParquetFile(path)
+            columns = [c for c in ("image_bytes", "image_path") if c in parquet.schema_arrow.names]
+            for batch in parquet.iter_batches(batch_size=DECODE_CHUNK, columns=columns):
+                n = batch.num_rows
                 datas = batch.column("image_bytes").to_pylist() if "image_bytes" in columns else [None] * n
-            except pa.ArrowException:
-                datas = [None] * n
-            paths = table.image_paths[offset:offset + n].tolist()
-            yield offset, datas, paths, str(path.parent), size
-            offset += n
+                paths = table.image_paths[offset:offset + n].tolist()
+                yield offset, datas, paths, str(path.parent), size
+                offset += n
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"{path}: cannot read the image column ({_first_line(exc)})") from None
 
 
 def decode_all(table: Table, size: tuple[int, int], num_workers: int) -> tuple[np.ndarray, dict[int, str]]:

@@ -10,15 +10,14 @@ half-closed eyes, so a model trained on style `a` transfers only partially.
 
 from __future__ import annotations
 
-import warnings
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from torchvision.io import encode_png
+from PIL import Image
 
 from .errors import UserError
 
@@ -130,9 +129,9 @@ def render_eye(rng: np.random.Generator, is_open: bool, subject: Subject, style:
 
 
 def encode(image: np.ndarray) -> bytes:
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs (see data.decode_image_bytes)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return bytes(encode_png(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))).numpy())
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def synth_table(rows: int, seed: int, style: str = "a", subjects: int = 24, with_split: bool = True,

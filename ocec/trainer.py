@@ -200,6 +200,9 @@ def evaluate_split(model, split: Split, batch_size, device, amp_dtype, desc="val
     """Margin-free BCE loss, the classification report and the Fisher ratio of one split."""
     images = split.images
     logits, embeddings = predict_split(model, images, batch_size, device, amp_dtype, desc)
+    if not bool(torch.isfinite(logits).all()):
+        raise UserError(f"the model's {desc} outputs are not finite: training diverged (the learning rate is "
+                        "likely too high); the best and last good checkpoints are intact")
     labels = split.labels
     loss = float(F.binary_cross_entropy_with_logits(logits, labels.float())) if len(labels) else float("nan")
     report = {"loss": loss, **binary_report(labels.numpy(), torch.sigmoid(logits).numpy())}
