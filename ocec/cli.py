@@ -184,6 +184,8 @@ def run_train(args: argparse.Namespace, typed: set[str]) -> int:
     if args.pretrain and args.resume:
         raise UserError("--pretrain and --resume exclude each other (--resume continues a run with its own weights)")
     cfg, model_cfg = configs_from_args(args)
+    if "no_cache" in typed:
+        typed = typed | {"cache_dir"}
     if not args.resume:
         model_cfg.validate()
     train(cfg, model_cfg, typed)

@@ -25,7 +25,7 @@ def add_parsers(sub, formatter) -> None:
     p.add_argument("--rows_a", type=int, default=3000, help="images in dataset A")
     p.add_argument("--rows_b", type=int, default=1200, help="images in dataset B")
     p.add_argument("--epochs_a", type=int, default=6, help="epochs for model A")
-    p.add_argument("--epochs_b", type=int, default=6, help="epochs for each run on B (same budget)")
+    p.add_argument("--epochs_b", type=int, default=4, help="epochs for each run on B (same budget)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(handler=run_demo)

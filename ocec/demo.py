@@ -29,7 +29,7 @@ def _dataset(out: Path, style: str, rows: int, seed: int) -> Path:
 
 
 def run_demo(out: str | Path = "runs/demo", rows_a: int = 3000, rows_b: int = 1200, epochs_a: int = 6,
-             epochs_b: int = 6, seed: int = 0, device: str = "auto", num_workers: int = 0,
+             epochs_b: int = 4, seed: int = 0, device: str = "auto", num_workers: int = 0,
              base_channels: int = 16) -> list[dict]:
     out = Path(out)
     data_a = _dataset(out, "a", rows_a, seed)
@@ -56,7 +56,7 @@ def run_demo(out: str | Path = "runs/demo", rows_a: int = 3000, rows_b: int = 12
                                         epochs=epochs_b, lr=2e-3, **common), model)
     log.info("== 3/3 dataset B fine-tuned from model A")
     timed("B fine-tuned from A", TrainConfig(
-        data_root=str(data_b), output_dir=str(out / "finetune_b"), epochs=epochs_b, lr=5e-4,
+        data_root=str(data_b), output_dir=str(out / "finetune_b"), epochs=epochs_b, lr=1e-3,
         pretrain=[str(run_a)], extra_val_root=str(data_a), **common), model)
     print()
     print(format_table(rows))

@@ -108,33 +108,41 @@ def format_eval(result: dict) -> str:
 def read_run(path: str) -> dict:
     """A run folder (summary/history/config) or a single checkpoint file -> one comparable record."""
     p = Path(path).expanduser()
-    if p.is_dir():
-        summary_file = p / "summary.json"
-        if not summary_file.is_file():
-            raise UserError(f"compare {p}: not an ocec run folder (no summary.json)")
+    summary = _ocec_summary(p) if p.is_dir() else None
+    if summary is not None:
         try:
-            summary = json.loads(summary_file.read_text())
             history = json.loads((p / "history.json").read_text()) if (p / "history.json").is_file() else []
         except (OSError, ValueError) as exc:
-            raise UserError(f"compare {p}: unreadable run files ({exc})") from None
+            raise UserError(f"compare {p}: unreadable history.json ({exc})") from None
         pretrain = (summary.get("pretrain") or {}).get("path")
         return {"name": str(p), "best_val_f1": summary.get("best_f1"), "best_epoch": summary.get("best_epoch"),
-                "final_f1": summary.get("final_val_f1", summary.get("final_train_f1")),
+                "final_f1": summary["final_val_f1"] if summary.get("final_val_f1") is not None
+                else summary.get("final_train_f1"),
                 "best_fisher": summary.get("best_val_fisher"), "epochs": summary.get("epochs_completed"),
                 "seconds": summary.get("train_seconds"), "images_per_s": summary.get("images_per_s"),
                 "pretrain": pretrain, "history": history, "best_checkpoint": summary.get("best_checkpoint") or str(p)}
+    # a checkpoint file, or a folder of checkpoints without our summary (e.g. an upstream OCEC run)
     snap, _ = choose_best([str(p)], "compare")
     history = list((snap.raw or {}).get("history") or [])
     return {"name": str(p), "best_val_f1": snap.score, "best_epoch": snap.epoch, "final_f1": snap.metrics.get("f1"),
             "best_fisher": snap.metrics.get("fisher"), "epochs": snap.epoch, "seconds": None, "images_per_s": None,
             "pretrain": ((snap.raw or {}).get("pretrain") or {}).get("path"), "history": history,
-            "best_checkpoint": str(p)}
+            "best_checkpoint": str(snap.path)}
 
 
 def run_label(path: str) -> str:
     """'runs/finetune_b/v3' -> 'finetune_b/v3': short, yet tells v1 of one output folder from another's."""
     parts = Path(path).parts
     return "/".join(parts[-2:]) if len(parts) >= 2 else path
+
+
+def _ocec_summary(folder: Path) -> dict | None:
+    """An ocec run folder's summary.json, or None if the folder is not one of ours."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and "epochs_completed" in summary else None
 
 
 def compare_runs(paths: list[str], data_root: str | None = None, split: str = "val", plot: str | None = None,

@@ -41,9 +41,11 @@ from .reporting import Reporter, check_optional
 
 log = logging.getLogger("ocec")
 
-# Flags that may change when a run is resumed; everything else comes from the checkpoint.
+# Flags that may change when a run is resumed (where data lives, how to run it, how long); everything
+# that shapes the training itself comes from the checkpoint.
 RESUME_OVERRIDABLE = ("epochs", "device", "num_workers", "cache_dir", "keep_last", "keep_best", "max_bad_steps",
-                      "save_diagnostics", "tensorboard")
+                      "save_diagnostics", "tensorboard", "data_root", "mix_data_root", "extra_val_root")
+CLI_ONLY = {"resume", "debug", "no_cache"}
 
 
 class Interrupted(Exception):
@@ -356,7 +358,7 @@ def _resume_config(path: Path, cfg: TrainConfig, model_cfg: ModelConfig, typed: 
     for name in RESUME_OVERRIDABLE:
         if name in typed:
             setattr(saved_train, name, getattr(cfg, name))
-    ignored = sorted(typed - set(RESUME_OVERRIDABLE) - {"resume", "data_root", "output_dir"} - set(vars(model_cfg)))
+    ignored = sorted(typed - set(RESUME_OVERRIDABLE) - CLI_ONLY - set(vars(model_cfg)))
     if ignored:
         log.warning("--resume: these flags are taken from the checkpoint, not the command line: %s",
                     ", ".join("--" + n for n in ignored))

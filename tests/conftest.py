@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ def run_subprocess(*args, timeout=240, **kwargs) -> subprocess.CompletedProcess:
 
 
 def only_run(output_dir: Path) -> Path:
-    runs = sorted(p for p in Path(output_dir).iterdir() if p.is_dir())
+    runs = sorted(p for p in Path(output_dir).iterdir() if p.is_dir() and re.fullmatch(r"v\d+", p.name))
     assert len(runs) == 1, runs
     return runs[0]
 
@@ -67,30 +68,34 @@ def history(run_dir: Path, drop=("seconds", "images_per_s")) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def data_a(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data_a")
-    write_synthetic(folder, 240, seed=1, style="a")
-    return folder
+    return synth_folder(tmp_path_factory, "data_a", 240, seed=1, style="a")
 
 
 @pytest.fixture(scope="session")
 def data_b(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data_b")
-    write_synthetic(folder, 240, seed=2, style="b")
+    return synth_folder(tmp_path_factory, "data_b", 240, seed=2, style="b")
+
+
+def synth_folder(tmp_path_factory, name: str, rows: int, seed: int, style: str) -> Path:
+    folder = tmp_path_factory.mktemp(name)
+    write_synthetic(folder, rows, seed=seed, style=style)
     return folder
+
+
+def train_once(tmp_path_factory, name: str, *args) -> Path:
+    out = tmp_path_factory.mktemp(name)
+    assert main(["train", "--output_dir", out, *args]) == 0
+    return only_run(out)
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, data_a) -> Path:
     """A 3-epoch tiny run on dataset A with the default cosface head (val F1 about 0.97)."""
-    out = tmp_path_factory.mktemp("trained")
-    assert main(["train", "--data_root", data_a, "--output_dir", out, "--epochs", 3, *TINY, "--batch_size", 8]) == 0
-    return only_run(out)
+    return train_once(tmp_path_factory, "trained", "--data_root", data_a, "--epochs", 3, *TINY, "--batch_size", 8)
 
 
 @pytest.fixture(scope="session")
 def bce_run(tmp_path_factory, data_a) -> Path:
     """A 3-epoch tiny run with --margin_method none (a one-logit BCE model, like the upstream trainer's)."""
-    out = tmp_path_factory.mktemp("trained_bce")
-    assert main(["train", "--data_root", data_a, "--output_dir", out, "--epochs", 3, "--margin_method", "none",
-                 *TINY, "--batch_size", 8]) == 0
-    return only_run(out)
+    return train_once(tmp_path_factory, "trained_bce", "--data_root", data_a, "--epochs", 3, "--margin_method",
+                      "none", *TINY, "--batch_size", 8)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import ocec.trainer as trainer_mod
-from conftest import TINY, history, only_run, run_subprocess
+from conftest import TINY, history, only_run, run_subprocess, synth_folder
 from ocec.synth import write_synthetic
 
 # Slow enough per epoch (about 100 steps) that a signal lands mid-run.
@@ -27,9 +27,7 @@ SLOW = [*TINY, "--batch_size", "4"]
 
 @pytest.fixture(scope="module")
 def signal_data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("signal_data")
-    write_synthetic(folder, 500, seed=3, style="a")
-    return folder
+    return synth_folder(tmp_path_factory, "signal_data", 500, seed=3, style="a")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,133 @@
+"""The README and guides show commands that exist; the fine-tune script and the demo run end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import only_run
+from ocec.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "finetune.md", ROOT / "docs" / "finetune.zh.md"]
+SCRIPT = ROOT / "scripts" / "train_finetune.sh"
+
+
+def _commands(path: Path) -> list[str]:
+    """Lines of the ```bash blocks, continuation lines joined."""
+    commands, block = [], None
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            if block is not None:
+                commands.extend(c.strip() for c in "\n".join(block).replace("\\\n", " ").splitlines() if c.strip())
+                block = None
+            elif line.strip() == "```bash":
+                block = []
+        elif block is not None:
+            block.append(line)
+    return commands
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_ocec_command_in_the_docs_parses(doc):
+    parser = build_parser()
+    found = 0
+    for command in _commands(doc):
+        for part in command.split("&&"):
+            tokens = shlex.split(part)
+            if tokens[:3] == ["python", "-m", "ocec"]:
+                found += 1
+                try:
+                    parser.parse_args(tokens[3:])
+                except SystemExit:
+                    pytest.fail(f"{doc.name}: {part.strip()!r} does not parse")
+    assert found >= 3, f"{doc.name}: expected ocec commands"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_script_variables_in_the_docs_exist(doc):
+    script = SCRIPT.read_text()
+    for command in _commands(doc):
+        if "train_finetune.sh" in command:
+            for name in re.findall(r"\b([A-Z][A-Z0-9_]+)=", command):
+                assert f'{name}="${{{name}:-' in script, f"{doc.name}: {name} is not a setting of the script"
+
+
+def _script(env: dict, *args, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHON": sys.executable, **{k: str(v) for k, v in env.items()}})
+
+
+def test_script_glob_resolves_to_the_best_f1_not_the_newest(tmp_path, data_b):
+    folder = tmp_path / "v8"
+    folder.mkdir()
+    for i, name in enumerate(["ocec_best_epoch0041_f1_0.9851.pt", "ocec_best_epoch0007_f1_0.9900.pt",
+                              "ocec_best_epoch0099_f1_0.9860.pt", "ocec_epoch_0100.pt"]):
+        (folder / name).write_bytes(b"x")
+        os.utime(folder / name, (1_000_000 + i, 1_000_000 + i))  # the last ones are the newest
+    result = _script({"PRETRAIN_MODEL": f"{folder}/ocec_best_epoch*.pt", "DATA_ROOT_B": data_b, "DRY_RUN": 1})
+    assert result.returncode == 0, result.stderr
+    assert f"checkpoint      : {folder}/ocec_best_epoch0007_f1_0.9900.pt" in result.stdout
+    assert f"--pretrain {folder}/ocec_best_epoch0007_f1_0.9900.pt --data_root {data_b}" in result.stdout
+
+
+def test_script_reports_a_missing_checkpoint(tmp_path, data_b):
+    result = _script({"PRETRAIN_MODEL": f"{tmp_path}/nothing_*.pt", "DATA_ROOT_B": data_b})
+    assert result.returncode == 2 and "no such file, folder or matching checkpoint" in result.stderr
+
+
+def test_script_runs_a_fine_tune_with_overrides_and_extra_flags(tmp_path, trained_run, data_b):
+    env = {"PRETRAIN_MODEL": trained_run, "DATA_ROOT_B": data_b, "OUTPUT_DIR": tmp_path / "out", "EPOCHS": 1,
+           "BATCH_SIZE": 32, "NUM_WORKERS": 0, "DEVICE": "cpu", "LR": "3e-4", "BACKBONE_LR": "1e-4"}
+    result = _script(env, "--keep_last", 1, "--augment", "light")
+    assert result.returncode == 0, result.stderr
+    assert "== fine-tune configuration" in result.stdout and "extra flags     : --keep_last 1 --augment light" in result.stdout
+    config = json.loads((only_run(tmp_path / "out") / "config.json").read_text())["train"]
+    assert (config["lr"], config["backbone_lr"], config["keep_last"], config["augment"]) == (3e-4, 1e-4, 1, "light")
+    assert config["pretrain"] == [str(trained_run)]
+
+
+def test_script_background_mode_writes_a_timestamped_log(tmp_path, trained_run, data_b):
+    env = {"PRETRAIN_MODEL": trained_run, "DATA_ROOT_B": data_b, "OUTPUT_DIR": tmp_path / "out", "EPOCHS": 1,
+           "BATCH_SIZE": 32, "NUM_WORKERS": 0, "DEVICE": "cpu", "BACKGROUND": 1}
+    result = _script(env)
+    assert result.returncode == 0, result.stderr
+    log = Path(re.search(r"log: (\S+)", result.stdout).group(1))
+    assert re.fullmatch(r"finetune_\d{8}_\d{6}\.log", log.name) and log.parent == tmp_path / "out" / "logs"
+    deadline = time.time() + 180
+    while "done: best F1" not in (log.read_text() if log.exists() else ""):
+        assert time.time() < deadline, log.read_text() if log.exists() else "no log"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    assert torch.load(only_run(tmp_path / "out").joinpath("ocec_epoch_0001.pt"), weights_only=True)["epoch"] == 1
+
+
+def test_demo_runs_end_to_end_and_prints_the_table(ocec, tmp_path):
+    result = ocec("demo", "--out", tmp_path, "--rows_a", 240, "--rows_b", 160, "--epochs_a", 1, "--epochs_b", 1,
+                  "--device", "cpu")
+    assert result.code == 0, result.err
+    for row in ("model A (on A)", "B from scratch", "B fine-tuned from A"):
+        assert re.search(rf"{re.escape(row)}\s+(\d\.\d{{4}}|n/a)\s", result.out), row
+    assert "python -m ocec compare" in result.out
+    for folder in ("model_a", "scratch_b", "finetune_b"):
+        assert (only_run(tmp_path / folder) / "summary.json").is_file()
+    summary = json.loads((only_run(tmp_path / "finetune_b") / "summary.json").read_text())
+    assert summary["pretrain"]["path"].startswith(str(tmp_path / "model_a"))
+
+
+def test_synth_command_writes_shards_without_split(ocec, tmp_path):
+    result = ocec("synth", "--out", tmp_path, "--rows", 30, "--shards", 3, "--no_split", "--style", "b")
+    assert result.code == 0, result.err
+    import pyarrow.parquet as pq
+    tables = [pq.read_table(p) for p in sorted(tmp_path.glob("part-*.parquet"))]
+    assert len(tables) == 3 and sum(t.num_rows for t in tables) == 30
+    assert "split" not in tables[0].column_names and set(tables[0].column("label").to_pylist()) <= {"open", "closed"}
