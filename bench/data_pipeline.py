@@ -42,10 +42,15 @@ class PerSampleDataset(torch.utils.data.Dataset):
     def __init__(self, parquet: Path):
         table = pq.read_table(parquet)
         self.rows = table.to_pylist()  # one dict per row, like iterrows
-        self.transform = transforms.Compose([
-            transforms.Resize(SIZE), transforms.RandomHorizontalFlip(),
-            transforms.ColorJitter(0.25, 0.25, 0.25), transforms.RandomAffine(0, translate=(0.06, 0.06), scale=(0.92, 1.08)),
-            transforms.ToTensor()])
+        self.transform = transforms.Compose(
+            [
+                transforms.Resize(SIZE),
+                transforms.RandomHorizontalFlip(),
+                transforms.ColorJitter(0.25, 0.25, 0.25),
+                transforms.RandomAffine(0, translate=(0.06, 0.06), scale=(0.92, 1.08)),
+                transforms.ToTensor(),
+            ]
+        )
 
     def __len__(self):
         return len(self.rows)
@@ -68,11 +73,12 @@ def images_per_second(fn, images: int, repeats: int = 2) -> float:
 
 def bench_baseline(parquet: Path, batch_size: int, workers: int) -> float:
     dataset = PerSampleDataset(parquet)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0
+    )
 
     def epoch():
-        for x, y in loader:
+        for _batch in loader:
             pass
 
     return images_per_second(epoch, len(dataset))
@@ -85,7 +91,7 @@ def bench_ocec(images: torch.Tensor, labels: torch.Tensor, batch_size: int, devi
     def epoch():
         order = epoch_order(labels, None, 0.0, False, torch.Generator().manual_seed(0)).to(device)
         for start in range(0, len(order), batch_size):
-            x = augment_batch(to_float(pool[order[start:start + batch_size]], device), "default", gen)
+            x = augment_batch(to_float(pool[order[start : start + batch_size]], device), "default", gen)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return x
@@ -97,7 +103,7 @@ def bench_model(batch_size: int, device: torch.device, steps: int = 10) -> float
     model = build_model(ModelConfig(image_size=SIZE)).to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     x = torch.rand(batch_size, 3, *SIZE, device=device).contiguous(memory_format=torch.channels_last)
-    y = (torch.arange(batch_size, device=device) % 2)
+    y = torch.arange(batch_size, device=device) % 2
 
     def run():
         for _ in range(steps):
@@ -128,13 +134,16 @@ def main() -> None:
         images = torch.from_numpy(images)
         baseline = bench_baseline(parquet, args.batch_size, args.workers)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    results = {d.type: (bench_ocec(images, labels, args.batch_size, d), bench_model(args.batch_size, d))
-               for d in devices}
+    results = {
+        d.type: (bench_ocec(images, labels, args.batch_size, d), bench_model(args.batch_size, d)) for d in devices
+    }
 
     print(f"{args.rows} images {SIZE[0]}x{SIZE[1]}, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
-    print(f"one-time decode (ocec, 1 process): {decode_once:.2f} s = {args.rows / decode_once:,.0f} img/s, "
-          f"then cached; uint8 storage {images.numel() / len(images) / 1024:.1f} KiB/image "
-          f"(float32 would be x4)")
+    print(
+        f"one-time decode (ocec, 1 process): {decode_once:.2f} s = {args.rows / decode_once:,.0f} img/s, "
+        f"then cached; uint8 storage {images.numel() / len(images) / 1024:.1f} KiB/image "
+        f"(float32 would be x4)"
+    )
     header = f"{'':28}{'CPU':>14}{'GPU':>14}"
     print(header)
     print("-" * len(header))

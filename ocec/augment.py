@@ -23,7 +23,7 @@ class AugmentStrength:
     contrast: float = 0.0
     saturation: float = 0.0
     translate: float = 0.0  # fraction of the image size
-    scale: float = 0.0      # +- relative zoom
+    scale: float = 0.0  # +- relative zoom
     blur_p: float = 0.0
     noise_p: float = 0.0
     noise_std: float = 0.0
@@ -31,8 +31,16 @@ class AugmentStrength:
 
 STRENGTH = {
     "light": AugmentStrength(brightness=0.15, contrast=0.15, saturation=0.15),
-    "default": AugmentStrength(brightness=0.25, contrast=0.25, saturation=0.25, translate=0.06, scale=0.08,
-                               blur_p=0.2, noise_p=0.2, noise_std=0.03),
+    "default": AugmentStrength(
+        brightness=0.25,
+        contrast=0.25,
+        saturation=0.25,
+        translate=0.06,
+        scale=0.08,
+        blur_p=0.2,
+        noise_p=0.2,
+        noise_std=0.03,
+    ),
 }
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -79,8 +87,9 @@ def augment_batch(x: torch.Tensor, level: str, generator: torch.Generator) -> to
         # Zoom + shift as a sampling grid built by broadcasting (cheaper than affine_grid's batched matmul).
         zoom = 1.0 / _uniform(n, s.scale, generator, device).view(n, 1, 1, 1)
         shift = s.translate * 2.0 * (2.0 * torch.rand(n, 1, 1, 2, generator=generator, device=device) - 1.0)
-        x = F.grid_sample(x, zoom * _identity_grid(x) + shift, mode="bilinear", padding_mode="border",
-                          align_corners=False)
+        x = F.grid_sample(
+            x, zoom * _identity_grid(x) + shift, mode="bilinear", padding_mode="border", align_corners=False
+        )
 
     if s.blur_p:
         mask = (torch.rand(n, generator=generator, device=device) < s.blur_p).view(n, 1, 1, 1)

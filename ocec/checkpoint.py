@@ -51,6 +51,7 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
 
 # --- loading ------------------------------------------------------------------------------------
 
+
 def load_file(path: str | Path, flag: str = "--pretrain") -> dict:
     """Load a .pt/.pth file safely, or raise a UserError naming the file and what is wrong with it."""
     path = Path(path)
@@ -66,12 +67,16 @@ def load_file(path: str | Path, flag: str = "--pretrain") -> dict:
         text = str(exc)
         if "global" in text.lower():
             detail = next((ln.strip() for ln in text.splitlines() if "unsupported global" in ln.lower()), "")
-            raise UserError(f"{flag} {path}: refused: the file holds Python objects that could run code when "
-                            f"loaded ({detail[:160]}); only tensors and plain data are accepted") from None
+            raise UserError(
+                f"{flag} {path}: refused: the file holds Python objects that could run code when "
+                f"loaded ({detail[:160]}); only tensors and plain data are accepted"
+            ) from None
         raise UserError(f"{flag} {path}: not a readable checkpoint ({_first_sentence(text)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as exc:
-        raise UserError(f"{flag} {path}: not a readable PyTorch checkpoint, truncated or damaged "
-                        f"({_first_sentence(str(exc)) or type(exc).__name__})") from None
+        raise UserError(
+            f"{flag} {path}: not a readable PyTorch checkpoint, truncated or damaged "
+            f"({_first_sentence(str(exc)) or type(exc).__name__})"
+        ) from None
     if not isinstance(data, dict):
         raise UserError(f"{flag} {path}: not an ocec checkpoint (holds a {type(data).__name__}, not a dict)")
     return data
@@ -126,8 +131,9 @@ def _read_safetensors(path: Path, flag: str) -> Snapshot:
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError:
-        raise UserError(f"{flag} {path}: reading .safetensors needs the safetensors package "
-                        "(pip install 'ocec[safetensors]')") from None
+        raise UserError(
+            f"{flag} {path}: reading .safetensors needs the safetensors package (pip install 'ocec[safetensors]')"
+        ) from None
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file")
     try:
@@ -143,14 +149,18 @@ def _read_safetensors(path: Path, flag: str) -> Snapshot:
 
 # --- choosing among candidates ----------------------------------------------------------------------
 
+
 def expand_candidates(paths: list[str], flag: str = "--pretrain") -> list[Path]:
     """Files, folders (their checkpoint files) and quoted globs -> checkpoint paths."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
-            inside = sorted(p for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES
-                            and p.is_file() and not p.name.startswith(TMP_PREFIX))
+            inside = sorted(
+                p
+                for p in path.iterdir()
+                if p.suffix in CHECKPOINT_SUFFIXES and p.is_file() and not p.name.startswith(TMP_PREFIX)
+            )
             if not inside:
                 raise UserError(f"{flag} {path}: the folder holds no checkpoint (.pt/.pth/.safetensors) files")
             found.extend(inside)
@@ -197,6 +207,7 @@ def latest_resumable(run_dir: Path) -> Path:
 
 # --- keeping the best / last N ----------------------------------------------------------------------
 
+
 class CheckpointKeeper:
     """Writes epoch and best checkpoints of one run folder and prunes the oldest beyond the limits."""
 
@@ -220,7 +231,7 @@ class CheckpointKeeper:
 
     def _prune(self, pattern: re.Pattern, keep: int) -> None:
         files = self._files(pattern)
-        for _, path in files[:max(0, len(files) - keep)]:
+        for _, path in files[: max(0, len(files) - keep)]:
             path.unlink(missing_ok=True)
 
     def drop_after(self, epoch: int) -> list[Path]:
@@ -232,6 +243,7 @@ class CheckpointKeeper:
 
 
 # --- pretrained weights into a model ---------------------------------------------------------------
+
 
 @dataclass
 class LoadReport:
@@ -248,8 +260,9 @@ class LoadReport:
         return text + "".join(f"; {note}" for note in self.notes)
 
 
-def load_pretrained(model: OcecModel, snap: Snapshot, reinit_head: bool = False,
-                    margin_init: str = "auto") -> LoadReport:
+def load_pretrained(
+    model: OcecModel, snap: Snapshot, reinit_head: bool = False, margin_init: str = "auto"
+) -> LoadReport:
     """Copy `snap`'s weights into `model`, re-initialising the margin head when the margin method
     changed (and the head with `reinit_head`). Anything else missing, extra or mis-shaped is an
     error listing every offender: never a silent partial load."""
@@ -275,13 +288,18 @@ def load_pretrained(model: OcecModel, snap: Snapshot, reinit_head: bool = False,
         if parameter_group_of(name) not in fresh and name not in keep:
             problems.append(f"{name}: checkpoint=absent, given={tuple(target[name].shape)}")
     if problems:
-        raise UserError(f"--pretrain {snap.path}: the weights do not fit the model: " + "; ".join(problems[:8])
-                        + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
+        raise UserError(
+            f"--pretrain {snap.path}: the weights do not fit the model: "
+            + "; ".join(problems[:8])
+            + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else "")
+        )
     result = model.load_state_dict(keep, strict=False)
     assert not result.unexpected_keys and {parameter_group_of(k) for k in result.missing_keys} <= fresh, result
 
     linear = snap.state.get("margin_head.fc.weight")
-    wants_linear = "head" not in fresh and (margin_init == "from_linear" or (margin_init == "auto" and linear is not None))
+    wants_linear = "head" not in fresh and (
+        margin_init == "from_linear" or (margin_init == "auto" and linear is not None)
+    )
     if "margin_head" in fresh and new_method != "none" and wants_linear:
         if linear is None:
             raise UserError(f"--margin_init from_linear: {snap.path} has no linear classifier to start from")

@@ -75,7 +75,9 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.margin_method != "none" and not (self.margin_s > 0 and 0 <= self.margin_m < 1.5):
-            raise UserError(f"--margin_s must be > 0 and --margin_m in [0, 1.5), got s={self.margin_s}, m={self.margin_m}")
+            raise UserError(
+                f"--margin_s must be > 0 and --margin_m in [0, 1.5), got s={self.margin_s}, m={self.margin_m}"
+            )
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise UserError(f"normalisation needs 3 means and 3 positive stds, got mean={self.mean} std={self.std}")
         parse_image_size(f"{self.image_size[0]}x{self.image_size[1]}")
@@ -129,10 +131,6 @@ def parse_stages(text: str) -> list[Stage]:
     if not stages:
         raise UserError("--stages: no stage given")
     return stages
-
-
-def format_stages(stages: list[Stage]) -> str:
-    return ",".join(f"{s.epoch}:{s.fraction:g}" + (f":{s.backbone_lr:g}" if s.backbone_lr is not None else "") for s in stages)
 
 
 @dataclass
@@ -206,8 +204,12 @@ class TrainConfig:
             raise UserError("--train_ratio must be > 0")
         if sum(ratios.values()) > 1.0 + 1e-9:
             raise UserError(f"--train_ratio + --val_ratio + --test_ratio must be <= 1, got {sum(ratios.values()):g}")
-        for flag, value in {"--lr": self.lr, "--backbone_lr": self.backbone_lr, "--head_lr": self.head_lr,
-                            "--margin_lr": self.margin_lr}.items():
+        for flag, value in {
+            "--lr": self.lr,
+            "--backbone_lr": self.backbone_lr,
+            "--head_lr": self.head_lr,
+            "--margin_lr": self.margin_lr,
+        }.items():
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise UserError(f"{flag} must be a positive number, got {value}")
         if self.weight_decay < 0:
@@ -293,7 +295,9 @@ def merge_pretrained_config(checkpoint: ModelConfig, given: ModelConfig, typed: 
             if name in typed and margin_method != "none" and getattr(given, name) != getattr(checkpoint, name):
                 mismatches.append(f"{name}: checkpoint={getattr(checkpoint, name)}, given={getattr(given, name)}")
     if mismatches:
-        raise UserError("--pretrain: the checkpoint's architecture differs from the flags given: " + "; ".join(mismatches))
+        raise UserError(
+            "--pretrain: the checkpoint's architecture differs from the flags given: " + "; ".join(mismatches)
+        )
     merged = ModelConfig.from_dict(checkpoint.to_dict())
     merged.margin_method = margin_method
     if "dropout" in typed:

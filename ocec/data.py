@@ -34,9 +34,19 @@ from .fileio import atomic_write
 log = logging.getLogger("ocec")
 
 SPLITS = ("train", "val", "test")
-SPLIT_ALIASES = {"train": "train", "training": "train", "trn": "train",
-                 "val": "val", "valid": "val", "validation": "val", "dev": "val", "eval": "val",
-                 "test": "test", "testing": "test", "tst": "test"}
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "trn": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "eval": "val",
+    "test": "test",
+    "testing": "test",
+    "tst": "test",
+}
 LABEL_ALIASES = {"open": 1, "opened": 1, "closed": 0, "close": 0, "0": 0, "1": 1}
 CACHE_VERSION = 1
 DECODE_CHUNK = 256
@@ -44,6 +54,7 @@ IN_PROCESS_ROWS = 2048  # below this, starting worker processes costs more than 
 
 
 # --- reading ---------------------------------------------------------------------------------
+
 
 def find_parquet_files(data_root: str | Path) -> list[Path]:
     """A .parquet file, or a folder: its dataset.parquet if present, else every *.parquet below it (sorted)."""
@@ -67,12 +78,12 @@ class Table:
     """Metadata of every row in the dataset's parquet files (no pixels)."""
 
     files: list[Path]
-    file_index: np.ndarray          # int32 per row: which file
-    row_index: np.ndarray           # int64 per row: row within that file
-    labels: np.ndarray              # int64, 0 closed / 1 open
-    splits: np.ndarray | None       # normalised split name per row ('' = unknown/missing), None: no column
-    sources: np.ndarray | None      # str per row, None: no column
-    image_paths: np.ndarray         # str per row ('' if none)
+    file_index: np.ndarray  # int32 per row: which file
+    row_index: np.ndarray  # int64 per row: row within that file
+    labels: np.ndarray  # int64, 0 closed / 1 open
+    splits: np.ndarray | None  # normalised split name per row ('' = unknown/missing), None: no column
+    sources: np.ndarray | None  # str per row, None: no column
+    image_paths: np.ndarray  # str per row ('' if none)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -175,13 +186,15 @@ def _first_line(exc: BaseException) -> str:
 
 # --- splitting --------------------------------------------------------------------------------
 
+
 def _cut(count: int, ratios: tuple[float, float, float]) -> np.ndarray:
     """Boundaries that give each split round(ratio * count) rows, the remainder unused."""
     return np.floor(np.cumsum(ratios) * count + 0.5).astype(int)
 
 
-def assign_splits(labels: np.ndarray, groups: np.ndarray | None, ratios: tuple[float, float, float],
-                  seed: int) -> np.ndarray:
+def assign_splits(
+    labels: np.ndarray, groups: np.ndarray | None, ratios: tuple[float, float, float], seed: int
+) -> np.ndarray:
     """Seeded split -> 'train'/'val'/'test'/'' (unused) per row.
 
     Without groups: stratified by label. With groups (the `source` column): every group goes
@@ -204,8 +217,11 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray | None, ratios: tuple[f
         out = buckets[bucket_of_group[inverse]]
         if all((out == name).any() for name, ratio in zip(SPLITS, ratios) if ratio > 0):
             return out
-        log.warning("split: only %d distinct source values, too few to keep each source on one side; "
-                    "splitting rows instead (sources may appear on both sides)", len(names))
+        log.warning(
+            "split: only %d distinct source values, too few to keep each source on one side; "
+            "splitting rows instead (sources may appear on both sides)",
+            len(names),
+        )
         out = np.full(len(labels), "", dtype=object)
     for cls in (0, 1):
         idx = rng.permutation(np.flatnonzero(labels == cls))
@@ -216,6 +232,7 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray | None, ratios: tuple[f
 
 
 # --- decoding ---------------------------------------------------------------------------------
+
 
 def decode_image_bytes(data, path: str, base_dir: str, size: tuple[int, int]) -> np.ndarray:
     """Bytes (or the file at `path`, relative to `base_dir`) -> RGB uint8 [3, H, W] resized to `size`.
@@ -244,8 +261,14 @@ def decode_image_bytes(data, path: str, base_dir: str, size: tuple[int, int]) ->
                     image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
                 image = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
                 pixels = np.asarray(image)
-    except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        TypeError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
         raise ValueError(f"undecodable image ({_first_line(exc)})") from None
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
@@ -275,7 +298,7 @@ def _chunks(table: Table, size: tuple[int, int]):
             for batch in parquet.iter_batches(batch_size=DECODE_CHUNK, columns=columns):
                 n = batch.num_rows
                 datas = batch.column("image_bytes").to_pylist() if "image_bytes" in columns else [None] * n
-                paths = table.image_paths[offset:offset + n].tolist()
+                paths = table.image_paths[offset : offset + n].tolist()
                 yield offset, datas, paths, str(path.parent), size
                 offset += n
         except (pa.ArrowException, OSError) as exc:
@@ -290,7 +313,7 @@ def decode_all(table: Table, size: tuple[int, int], num_workers: int) -> tuple[n
 
     def collect(result):
         offset, block, failures = result
-        images[offset:offset + len(block)] = block
+        images[offset : offset + len(block)] = block
         bad.update(failures)
         bar.update(len(block))
 
@@ -312,6 +335,7 @@ def decode_all(table: Table, size: tuple[int, int], num_workers: int) -> tuple[n
 
 
 # --- cache --------------------------------------------------------------------------------------
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("OCEC_CACHE_DIR") or Path.home() / ".cache" / "ocec")
@@ -367,15 +391,15 @@ def decoded_images(table: Table, size: tuple[int, int], num_workers: int, cache_
 
 # --- the dataset a run trains on ------------------------------------------------------------------
 
+
 @dataclass
 class Split:
-    """One split, decoded: uint8 images [N, 3, H, W], int64 labels, per-row source and path."""
+    """One split, decoded: uint8 images [N, 3, H, W], int64 labels, per-row source."""
 
     name: str
     images: torch.Tensor
     labels: torch.Tensor
     sources: np.ndarray | None = None
-    paths: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -398,44 +422,75 @@ class Dataset:
         return split if split is not None and len(split) else None
 
 
-def load_dataset(data_root: str | Path, image_size: tuple[int, int], *, ratios=(0.8, 0.1, 0.1), seed: int = 42,
-                 num_workers: int = 0, cache_dir: str | Path | None = None, max_bad_fraction: float = 0.01,
-                 name: str = "data") -> Dataset:
+def load_dataset(
+    data_root: str | Path,
+    image_size: tuple[int, int],
+    *,
+    ratios=(0.8, 0.1, 0.1),
+    seed: int = 42,
+    num_workers: int = 0,
+    cache_dir: str | Path | None = None,
+    max_bad_fraction: float = 0.01,
+    name: str = "data",
+) -> Dataset:
     table = read_table(data_root)
     if table.splits is not None:
-        log.info("%s: %d rows in %d file(s); using the 'split' column (--train/val/test_ratio ignored)",
-                 name, len(table), len(table.files))
+        log.info(
+            "%s: %d rows in %d file(s); using the 'split' column (--train/val/test_ratio ignored)",
+            name,
+            len(table),
+            len(table.files),
+        )
         splits = table.splits
     else:
         splits = assign_splits(table.labels, table.sources, tuple(ratios), seed)
-        log.info("%s: %d rows in %d file(s); no 'split' column: seeded %s split %g/%g/%g", name, len(table),
-                 len(table.files), "source-grouped" if table.sources is not None else "stratified", *ratios)
+        log.info(
+            "%s: %d rows in %d file(s); no 'split' column: seeded %s split %g/%g/%g",
+            name,
+            len(table),
+            len(table.files),
+            "source-grouped" if table.sources is not None else "stratified",
+            *ratios,
+        )
     unknown = int((splits == "").sum()) if table.splits is not None else 0
     if unknown:
         log.warning("%s: %d row(s) with a split other than train/val/test (or empty) skipped", name, unknown)
     if unknown == len(table):
-        raise UserError(f"--data_root {data_root}: no row has a split of train/val/test (aliases: "
-                        f"{', '.join(sorted(SPLIT_ALIASES))})")
+        raise UserError(
+            f"--data_root {data_root}: no row has a split of train/val/test (aliases: "
+            f"{', '.join(sorted(SPLIT_ALIASES))})"
+        )
 
     images, bad = decoded_images(table, image_size, num_workers, cache_dir)
     used = splits != ""
     bad_used = [r for r in sorted(bad) if used[r]]
     if bad_used:
-        log.warning("%s: %d row(s) with unreadable images skipped, e.g. %s", name, len(bad_used),
-                    "; ".join(f"{table.where(r)}: {bad[r]}" for r in bad_used[:3]))
+        log.warning(
+            "%s: %d row(s) with unreadable images skipped, e.g. %s",
+            name,
+            len(bad_used),
+            "; ".join(f"{table.where(r)}: {bad[r]}" for r in bad_used[:3]),
+        )
         fraction = len(bad_used) / max(1, int(used.sum()))
         if fraction > max_bad_fraction:
-            raise UserError(f"--data_root {data_root}: {len(bad_used)} of {int(used.sum())} images unreadable "
-                            f"({fraction:.1%} > --max_bad_fraction {max_bad_fraction:g}); first: "
-                            f"{table.where(bad_used[0])}: {bad[bad_used[0]]}")
+            raise UserError(
+                f"--data_root {data_root}: {len(bad_used)} of {int(used.sum())} images unreadable "
+                f"({fraction:.1%} > --max_bad_fraction {max_bad_fraction:g}); first: "
+                f"{table.where(bad_used[0])}: {bad[bad_used[0]]}"
+            )
     ok = used.copy()
     ok[bad_used] = False
     dataset = Dataset(str(data_root), skipped_bad=len(bad_used), skipped_split=unknown)
     for split_name in SPLITS:
         idx = np.flatnonzero(ok & (splits == split_name))
         dataset.splits[split_name] = Split(
-            split_name, torch.from_numpy(images[idx]), torch.from_numpy(table.labels[idx]),
-            None if table.sources is None else table.sources[idx], table.image_paths[idx])
-    log.info("%s: " + ", ".join(f"{s} {len(dataset.splits[s])} (open {dataset.splits[s].class_counts[1]})"
-                                for s in SPLITS), name)
+            split_name,
+            torch.from_numpy(images[idx]),
+            torch.from_numpy(table.labels[idx]),
+            None if table.sources is None else table.sources[idx],
+        )
+    log.info(
+        "%s: " + ", ".join(f"{s} {len(dataset.splits[s])} (open {dataset.splits[s].class_counts[1]})" for s in SPLITS),
+        name,
+    )
     return dataset

@@ -28,36 +28,75 @@ def _dataset(out: Path, style: str, rows: int, seed: int) -> Path:
     return folder
 
 
-def run_demo(out: str | Path = "runs/demo", rows_a: int = 3000, rows_b: int = 1200, epochs_a: int = 6,
-             epochs_b: int = 4, seed: int = 0, device: str = "auto", num_workers: int = 0,
-             base_channels: int = 16) -> list[dict]:
+def run_demo(
+    out: str | Path = "runs/demo",
+    rows_a: int = 3000,
+    rows_b: int = 1200,
+    epochs_a: int = 6,
+    epochs_b: int = 4,
+    seed: int = 0,
+    device: str = "auto",
+    num_workers: int = 0,
+    base_channels: int = 16,
+) -> list[dict]:
     out = Path(out)
     data_a = _dataset(out, "a", rows_a, seed)
     data_b = _dataset(out, "b", rows_b, seed + 1)
     model = ModelConfig(base_channels=base_channels, num_blocks=4, image_size=(32, 64), margin_method="cosface")
-    common = dict(batch_size=64, num_workers=num_workers, seed=seed, device=device, warmup_epochs=1,
-                  cache_dir=str(out / "cache"), keep_last=2, keep_best=2)
+    common = dict(
+        batch_size=64,
+        num_workers=num_workers,
+        seed=seed,
+        device=device,
+        warmup_epochs=1,
+        cache_dir=str(out / "cache"),
+        keep_last=2,
+        keep_best=2,
+    )
     rows = []
 
     def timed(label, cfg, model_cfg, typed=frozenset()):
         tic = time.time()
         run_dir = train(cfg, model_cfg, set(typed))
         summary = json.loads((run_dir / "summary.json").read_text())
-        rows.append({"run": label, "best_val_f1": summary["best_f1"], "best_epoch": summary["best_epoch"],
-                     "epochs": summary["epochs_completed"], "seconds": round(time.time() - tic, 1),
-                     "run_dir": str(run_dir)})
+        rows.append(
+            {
+                "run": label,
+                "best_val_f1": summary["best_f1"],
+                "best_epoch": summary["best_epoch"],
+                "epochs": summary["epochs_completed"],
+                "seconds": round(time.time() - tic, 1),
+                "run_dir": str(run_dir),
+            }
+        )
         return run_dir
 
     log.info("== 1/3 model A: from scratch on dataset A")
-    run_a = timed("model A (on A)", TrainConfig(data_root=str(data_a), output_dir=str(out / "model_a"),
-                                                epochs=epochs_a, lr=2e-3, **common), model)
+    run_a = timed(
+        "model A (on A)",
+        TrainConfig(data_root=str(data_a), output_dir=str(out / "model_a"), epochs=epochs_a, lr=2e-3, **common),
+        model,
+    )
     log.info("== 2/3 dataset B from scratch")
-    timed("B from scratch", TrainConfig(data_root=str(data_b), output_dir=str(out / "scratch_b"),
-                                        epochs=epochs_b, lr=2e-3, **common), model)
+    timed(
+        "B from scratch",
+        TrainConfig(data_root=str(data_b), output_dir=str(out / "scratch_b"), epochs=epochs_b, lr=2e-3, **common),
+        model,
+    )
     log.info("== 3/3 dataset B fine-tuned from model A")
-    timed("B fine-tuned from A", TrainConfig(
-        data_root=str(data_b), output_dir=str(out / "finetune_b"), epochs=epochs_b, lr=1e-3,
-        pretrain=[str(run_a)], extra_val_root=str(data_a), **common), model)
+    timed(
+        "B fine-tuned from A",
+        TrainConfig(
+            data_root=str(data_b),
+            output_dir=str(out / "finetune_b"),
+            epochs=epochs_b,
+            lr=1e-3,
+            pretrain=[str(run_a)],
+            extra_val_root=str(data_a),
+            **common,
+        ),
+        model,
+    )
     print()
     print(format_table(rows))
     print(f"\ncompare them: python -m ocec compare {' '.join(r['run_dir'] for r in rows)} --data_root {data_b}")
@@ -69,5 +108,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         f1 = "n/a" if r["best_val_f1"] is None else f"{r['best_val_f1']:.4f}"
-        lines.append(f"{r['run']:<22} {f1:>11} {r['best_epoch'] or '-':>9} {r['epochs']:>7} {r['seconds']:>8}  {r['run_dir']}")
+        lines.append(
+            f"{r['run']:<22} {f1:>11} {r['best_epoch'] or '-':>9} {r['epochs']:>7} {r['seconds']:>8}  {r['run_dir']}"
+        )
     return "\n".join(lines)

@@ -19,44 +19,62 @@ from .errors import UserError
 from .fileio import to_jsonable, write_text_atomic
 from .metrics import fisher_ratio, full_report
 from .model import OcecModel, build_model
-from .trainer import predict_split, resolve_device
+from .trainer import predict_split, require_finite, resolve_device
 
 log = logging.getLogger("ocec")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
 
-def load_for_inference(paths: list[str], device: torch.device, flag: str = "--checkpoint") -> tuple[OcecModel, Snapshot]:
+def load_for_inference(
+    paths: list[str], device: torch.device, flag: str = "--checkpoint"
+) -> tuple[OcecModel, Snapshot]:
     """The best of the given checkpoints, as an eval-mode model on `device`."""
     snap, why = choose_best(paths, flag)
     log.info("checkpoint: %s", why)
     model = build_model(snap.model_config)
     missing, unexpected = model.load_state_dict(snap.state, strict=False)
     if missing or unexpected:
-        raise UserError(f"{flag} {snap.path}: weights do not match the recorded architecture "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{flag} {snap.path}: weights do not match the recorded architecture "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model.to(device).eval(), snap
 
 
 def _split_of(snap: Snapshot, data_root: str, split: str, num_workers: int, cache_dir) -> Split:
     train_cfg = (snap.raw or {}).get("train_config") or {}
     ratios = tuple(train_cfg.get(k, d) for k, d in (("train_ratio", 0.8), ("val_ratio", 0.1), ("test_ratio", 0.1)))
-    data = load_dataset(data_root, snap.model_config.image_size, ratios=ratios, seed=train_cfg.get("seed", 42),
-                        num_workers=num_workers, cache_dir=cache_dir, name="eval")
+    data = load_dataset(
+        data_root,
+        snap.model_config.image_size,
+        ratios=ratios,
+        seed=train_cfg.get("seed", 42),
+        num_workers=num_workers,
+        cache_dir=cache_dir,
+        name="eval",
+    )
     if split == "all":
         parts = [s for s in data.splits.values() if len(s)]
         if not parts:
             raise UserError(f"--data_root {data_root}: no rows")
         sources = None if parts[0].sources is None else np.concatenate([p.sources for p in parts])
-        return Split("all", torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), sources,
-                     np.concatenate([p.paths for p in parts]))
+        return Split("all", torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), sources)
     chosen = data.get(split)
     if chosen is None:
         raise UserError(f"--data_root {data_root}: the {split} split is empty (try --split all)")
     return chosen
 
 
-def evaluate_checkpoint(checkpoint: list[str], data_root: str, split: str = "val", batch_size: int = 256,
-                        device: str = "auto", num_workers: int = 0, cache_dir=None, threshold: float = 0.5) -> dict:
+def evaluate_checkpoint(
+    checkpoint: list[str],
+    data_root: str,
+    split: str = "val",
+    batch_size: int = 256,
+    device: str = "auto",
+    num_workers: int = 0,
+    cache_dir=None,
+    threshold: float = 0.5,
+) -> dict:
     dev = resolve_device(device)
     model, snap = load_for_inference(checkpoint, dev)
     data = _split_of(snap, data_root, split, num_workers, default_cache_dir() if cache_dir is None else cache_dir)
@@ -64,15 +82,19 @@ def evaluate_checkpoint(checkpoint: list[str], data_root: str, split: str = "val
     return report_predictions(snap, data, logits, embeddings, threshold)
 
 
-def report_predictions(snap: Snapshot, data: Split, logits: torch.Tensor, embeddings: torch.Tensor,
-                       threshold: float = 0.5) -> dict:
+def report_predictions(
+    snap: Snapshot, data: Split, logits: torch.Tensor, embeddings: torch.Tensor, threshold: float = 0.5
+) -> dict:
+    require_finite(logits, f"--checkpoint {snap.path}")
     labels = data.labels
     probs = torch.sigmoid(logits).numpy()
 
     def block(mask=None):
         sel = slice(None) if mask is None else torch.from_numpy(mask)
         report = full_report(labels[sel].numpy(), probs[sel] if mask is None else probs[mask], threshold)
-        report["loss"] = float(F.binary_cross_entropy_with_logits(logits[sel], labels[sel].float())) if len(labels[sel]) else None
+        report["loss"] = (
+            float(F.binary_cross_entropy_with_logits(logits[sel], labels[sel].float())) if len(labels[sel]) else None
+        )
         report["fisher"] = fisher_ratio(embeddings[sel], labels[sel])
         return report
 
@@ -83,7 +105,18 @@ def report_predictions(snap: Snapshot, data: Split, logits: torch.Tensor, embedd
 
 
 def format_eval(result: dict) -> str:
-    cols = ("samples", "accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "best_threshold", "best_f1", "fisher")
+    cols = (
+        "samples",
+        "accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "roc_auc",
+        "pr_auc",
+        "best_threshold",
+        "best_f1",
+        "fisher",
+    )
     widths = [max(10, len(c)) for c in cols]
 
     def cell(value, width):
@@ -93,17 +126,22 @@ def format_eval(result: dict) -> str:
 
     rows = [("overall", result["overall"])] + sorted((result.get("per_source") or {}).items())
     name_width = max(12, *(len(n) for n, _ in rows))
-    lines = [f"checkpoint {result['checkpoint']} ({result['origin']}), split {result['split']}",
-             f"{'':<{name_width}} " + " ".join(f"{c:>{w}}" for c, w in zip(cols, widths))]
+    lines = [
+        f"checkpoint {result['checkpoint']} ({result['origin']}), split {result['split']}",
+        f"{'':<{name_width}} " + " ".join(f"{c:>{w}}" for c, w in zip(cols, widths)),
+    ]
     for name, rep in rows:
         lines.append(f"{name:<{name_width}} " + " ".join(cell(rep.get(c), w) for c, w in zip(cols, widths)))
     cm = result["overall"]["confusion_matrix"]
-    lines.append(f"confusion matrix at threshold {result['overall']['threshold']:g}: "
-                 f"tn {cm['tn']}  fp {cm['fp']}  fn {cm['fn']}  tp {cm['tp']}")
+    lines.append(
+        f"confusion matrix at threshold {result['overall']['threshold']:g}: "
+        f"tn {cm['tn']}  fp {cm['fp']}  fn {cm['fn']}  tp {cm['tp']}"
+    )
     return "\n".join(lines)
 
 
 # --- compare ---------------------------------------------------------------------------------
+
 
 def read_run(path: str) -> dict:
     """A run folder (summary/history/config) or a single checkpoint file -> one comparable record."""
@@ -115,19 +153,37 @@ def read_run(path: str) -> dict:
         except (OSError, ValueError) as exc:
             raise UserError(f"compare {p}: unreadable history.json ({exc})") from None
         pretrain = (summary.get("pretrain") or {}).get("path")
-        return {"name": str(p), "best_val_f1": summary.get("best_f1"), "best_epoch": summary.get("best_epoch"),
-                "final_f1": summary["final_val_f1"] if summary.get("final_val_f1") is not None
-                else summary.get("final_train_f1"),
-                "best_fisher": summary.get("best_val_fisher"), "epochs": summary.get("epochs_completed"),
-                "seconds": summary.get("train_seconds"), "images_per_s": summary.get("images_per_s"),
-                "pretrain": pretrain, "history": history, "best_checkpoint": summary.get("best_checkpoint") or str(p)}
+        return {
+            "name": str(p),
+            "best_val_f1": summary.get("best_f1"),
+            "best_epoch": summary.get("best_epoch"),
+            "final_f1": summary["final_val_f1"]
+            if summary.get("final_val_f1") is not None
+            else summary.get("final_train_f1"),
+            "best_fisher": summary.get("best_val_fisher"),
+            "epochs": summary.get("epochs_completed"),
+            "seconds": summary.get("train_seconds"),
+            "images_per_s": summary.get("images_per_s"),
+            "pretrain": pretrain,
+            "history": history,
+            "best_checkpoint": summary.get("best_checkpoint") or str(p),
+        }
     # a checkpoint file, or a folder of checkpoints without our summary (e.g. an upstream OCEC run)
     snap, _ = choose_best([str(p)], "compare")
     history = list((snap.raw or {}).get("history") or [])
-    return {"name": str(p), "best_val_f1": snap.score, "best_epoch": snap.epoch, "final_f1": snap.metrics.get("f1"),
-            "best_fisher": snap.metrics.get("fisher"), "epochs": snap.epoch, "seconds": None, "images_per_s": None,
-            "pretrain": ((snap.raw or {}).get("pretrain") or {}).get("path"), "history": history,
-            "best_checkpoint": str(snap.path)}
+    return {
+        "name": str(p),
+        "best_val_f1": snap.score,
+        "best_epoch": snap.epoch,
+        "final_f1": snap.metrics.get("f1"),
+        "best_fisher": snap.metrics.get("fisher"),
+        "epochs": snap.epoch,
+        "seconds": None,
+        "images_per_s": None,
+        "pretrain": ((snap.raw or {}).get("pretrain") or {}).get("path"),
+        "history": history,
+        "best_checkpoint": str(snap.path),
+    }
 
 
 def run_label(path: str) -> str:
@@ -145,11 +201,20 @@ def _ocec_summary(folder: Path) -> dict | None:
     return summary if isinstance(summary, dict) and "epochs_completed" in summary else None
 
 
-def compare_runs(paths: list[str], data_root: str | None = None, split: str = "val", plot: str | None = None,
-                 device: str = "auto", batch_size: int = 256, num_workers: int = 0, cache_dir=None) -> list[dict]:
+def compare_runs(
+    paths: list[str],
+    data_root: str | None = None,
+    split: str = "val",
+    plot: str | None = None,
+    device: str = "auto",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    cache_dir=None,
+) -> list[dict]:
     records = [read_run(p) for p in paths]
     if plot:
         from .plots import plot_runs
+
         drawable = [(run_label(r["name"]), r["history"]) for r in records if r["history"]]
         if not drawable:
             raise UserError("--plot: none of the runs has a per-epoch history to draw")
@@ -157,8 +222,9 @@ def compare_runs(paths: list[str], data_root: str | None = None, split: str = "v
         log.info("plot: %s (%d lines)", out, lines)
     if data_root:
         for record in records:
-            result = evaluate_checkpoint([record["best_checkpoint"]], data_root, split, batch_size, device,
-                                         num_workers, cache_dir)
+            result = evaluate_checkpoint(
+                [record["best_checkpoint"]], data_root, split, batch_size, device, num_workers, cache_dir
+            )
             record["data_f1"] = result["overall"]["f1"]
             record["data_roc_auc"] = result["overall"]["roc_auc"]
             record["data_fisher"] = result["overall"]["fisher"]
@@ -166,8 +232,15 @@ def compare_runs(paths: list[str], data_root: str | None = None, split: str = "v
 
 
 def format_compare(records: list[dict], with_data: bool) -> str:
-    cols = [("best_val_f1", "best val F1"), ("best_epoch", "epoch"), ("final_f1", "final F1"),
-            ("best_fisher", "fisher"), ("epochs", "epochs"), ("seconds", "train s"), ("images_per_s", "img/s")]
+    cols = [
+        ("best_val_f1", "best val F1"),
+        ("best_epoch", "epoch"),
+        ("final_f1", "final F1"),
+        ("best_fisher", "fisher"),
+        ("epochs", "epochs"),
+        ("seconds", "train s"),
+        ("images_per_s", "img/s"),
+    ]
     if with_data:
         cols += [("data_f1", "F1 on data"), ("data_roc_auc", "AUC on data"), ("data_fisher", "fisher on data")]
     name_width = max(10, *(len(r["name"]) for r in records))
@@ -179,12 +252,16 @@ def format_compare(records: list[dict], with_data: bool) -> str:
 
     lines = [f"{'run':<{name_width}} " + " ".join(f"{t:>{max(8, len(t))}}" for _, t in cols) + "  pretrain"]
     for r in records:
-        lines.append(f"{r['name']:<{name_width}} " + " ".join(cell(k, r.get(k), max(8, len(t))) for k, t in cols)
-                     + f"  {r.get('pretrain') or '-'}")
+        lines.append(
+            f"{r['name']:<{name_width}} "
+            + " ".join(cell(k, r.get(k), max(8, len(t))) for k, t in cols)
+            + f"  {r.get('pretrain') or '-'}"
+        )
     return "\n".join(lines)
 
 
 # --- predict -----------------------------------------------------------------------------------
+
 
 def collect_images(inputs: list[str]) -> list[Path]:
     files: list[Path] = []
@@ -201,8 +278,14 @@ def collect_images(inputs: list[str]) -> list[Path]:
     return files
 
 
-def predict_images(checkpoint: list[str], inputs: list[str], output: str | None = None, threshold: float = 0.5,
-                   batch_size: int = 256, device: str = "auto") -> list[dict]:
+def predict_images(
+    checkpoint: list[str],
+    inputs: list[str],
+    output: str | None = None,
+    threshold: float = 0.5,
+    batch_size: int = 256,
+    device: str = "auto",
+) -> list[dict]:
     """prob_open per image file, resized exactly as in training; unreadable files are skipped with a warning."""
     dev = resolve_device(device)
     model, snap = load_for_inference(checkpoint, dev)
@@ -219,9 +302,12 @@ def predict_images(checkpoint: list[str], inputs: list[str], output: str | None 
     if not kept:
         raise UserError("--inputs: none of the images could be read")
     logits, _ = predict_split(model, torch.stack(images), batch_size, dev, desc="predict")
+    require_finite(logits, f"--checkpoint {snap.path}")
     probs = torch.sigmoid(logits).numpy()
-    rows = [{"path": str(f), "prob_open": float(p), "label": "open" if p >= threshold else "closed"}
-            for f, p in zip(kept, probs)]
+    rows = [
+        {"path": str(f), "prob_open": float(p), "label": "open" if p >= threshold else "closed"}
+        for f, p in zip(kept, probs)
+    ]
     if output:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=["path", "prob_open", "label"])
@@ -229,4 +315,3 @@ def predict_images(checkpoint: list[str], inputs: list[str], output: str | None 
         writer.writerows({**r, "prob_open": f"{r['prob_open']:.6f}"} for r in rows)
         write_text_atomic(output, buffer.getvalue())
     return rows
-

@@ -64,8 +64,16 @@ def export_onnx(model: OcecModel, output: str | Path, opset: int = 17, check: bo
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, (dummy,), buffer, dynamo=False, input_names=["images"], output_names=["prob_open"],
-                          dynamic_axes={"images": {0: "N"}, "prob_open": {0: "N"}}, opset_version=opset)
+        torch.onnx.export(
+            wrapper,
+            (dummy,),
+            buffer,
+            dynamo=False,
+            input_names=["images"],
+            output_names=["prob_open"],
+            dynamic_axes={"images": {0: "N"}, "prob_open": {0: "N"}},
+            opset_version=opset,
+        )
     path = atomic_write(output, lambda f: f.write(buffer.getvalue()))
     report = {"output": str(path), "opset": opset, "folded_batchnorm": pairs, "max_abs_diff": None}
     if check:
@@ -90,8 +98,11 @@ def export_safetensors(snap: Snapshot, output: str | Path) -> dict:
     except ImportError:
         raise UserError("--format safetensors needs the safetensors package: pip install 'ocec[safetensors]'") from None
     state = {k: v.contiguous() for k, v in snap.state.items()}
-    metadata = {"ocec_format": "1", "ocec_model_config": json.dumps(snap.model_config.to_dict()),
-                "ocec_metrics": json.dumps(to_jsonable({"f1": snap.score}))}
+    metadata = {
+        "ocec_format": "1",
+        "ocec_model_config": json.dumps(snap.model_config.to_dict()),
+        "ocec_metrics": json.dumps(to_jsonable({"f1": snap.score})),
+    }
     data = save(state, metadata=metadata)
     path = atomic_write(output, lambda f: f.write(data))
     return {"output": str(path), "tensors": len(state)}

@@ -37,7 +37,11 @@ def atomic_write(path: str | Path, write: Callable[[object], None]) -> Path:
         except OSError:
             pass
         if isinstance(exc, OSError):
-            why = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else exc.strerror or str(exc)
+            why = (
+                "the disk is full"
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+                else exc.strerror or str(exc)
+            )
             raise UserError(f"could not write {path}: {why}; the previous version of the file is untouched") from exc
         raise
     return path

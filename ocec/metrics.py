@@ -12,8 +12,14 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, precision_recall_curve,
-                             precision_recall_fscore_support, roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    confusion_matrix,
+    precision_recall_curve,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
 
 NAN = float("nan")
 
@@ -26,7 +32,8 @@ def binary_report(labels, probs, threshold: float = 0.5) -> dict:
         return {k: NAN for k in ("accuracy", "precision", "recall", "f1", "roc_auc")}
     preds = (probs >= threshold).astype(int)
     precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, preds, labels=[1], average=None, zero_division=np.nan)
+        labels, preds, labels=[1], average=None, zero_division=np.nan
+    )
     single_class = len(np.unique(labels)) < 2
     return {
         "accuracy": float(accuracy_score(labels, preds)),
@@ -47,8 +54,12 @@ def full_report(labels, probs, threshold: float = 0.5) -> dict:
     report["best_threshold"], report["best_f1"] = best_threshold(labels, probs)
     report["threshold"] = threshold
     matrix = confusion_matrix(labels, (probs >= threshold).astype(int), labels=[0, 1])
-    report["confusion_matrix"] = {"tn": int(matrix[0, 0]), "fp": int(matrix[0, 1]),
-                                  "fn": int(matrix[1, 0]), "tp": int(matrix[1, 1])}
+    report["confusion_matrix"] = {
+        "tn": int(matrix[0, 0]),
+        "fp": int(matrix[0, 1]),
+        "fn": int(matrix[1, 0]),
+        "tp": int(matrix[1, 1]),
+    }
     report["samples"] = int(len(labels))
     return report
 

@@ -31,11 +31,13 @@ def block_plan(base_channels: int, num_blocks: int) -> list[tuple[int, int, int]
 
 # --- baseline: depthwise-separable blocks -------------------------------------------------
 
+
 class DepthwiseSeparable(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.depthwise = nn.Sequential(
-            nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
+            nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU(inplace=True)
+        )
         self.pointwise = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
         self.residual = stride == 1 and cin == cout
 
@@ -49,6 +51,7 @@ def baseline_stem(channels: int) -> nn.Sequential:
 
 
 # --- inverted_se: MobileNetV2-style inverted residual with squeeze-excitation ---------------
+
 
 class SqueezeExcite(nn.Module):
     def __init__(self, channels: int, reduction: int):
@@ -65,11 +68,16 @@ class InvertedResidualSE(nn.Module):
         super().__init__()
         hidden = cin * expansion
         self.block = nn.Sequential(
-            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+            nn.Conv2d(cin, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
             nn.ReLU(inplace=True),
             SqueezeExcite(hidden, se_reduction),
-            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x):
@@ -79,11 +87,17 @@ class InvertedResidualSE(nn.Module):
 
 def inverted_se_stem(channels: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(3, channels, 3, 2, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
-        nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        nn.Conv2d(3, channels, 3, 2, 1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(inplace=True),
+    )
 
 
 # --- convnext: 7x7 depthwise conv, LayerNorm, inverted MLP, layer scale ---------------------
+
 
 class LayerNorm2d(nn.Module):
     """LayerNorm over channels of an NCHW tensor."""
@@ -148,6 +162,7 @@ class Backbone(nn.Module):
 
 
 # --- heads: feature map -> embedding ----------------------------------------------------------
+
 
 class AvgHead(nn.Module):
     """Global average pool -> BatchNorm -> dropout (the upstream baseline head minus its classifier)."""

@@ -30,12 +30,20 @@ def build_optimizer(model: nn.Module, group_lrs: dict[str, float], weight_decay:
         no_decay = [p for n, p in params if p.ndim <= 1]
         for suffix, members, wd in (("", decay, weight_decay), ("_no_decay", no_decay, 0.0)):
             if members:
-                groups.append({"params": members, "name": group + suffix, "group": group,
-                               "lr": group_lrs[group], "weight_decay": wd})
+                groups.append(
+                    {
+                        "params": members,
+                        "name": group + suffix,
+                        "group": group,
+                        "lr": group_lrs[group],
+                        "weight_decay": wd,
+                    }
+                )
     return torch.optim.AdamW(groups, lr=group_lrs["head"])
 
 
 # --- freezing ---------------------------------------------------------------------------------
+
 
 def backbone_units(model: OcecModel) -> list[str]:
     return model.backbone.unit_names()
@@ -44,7 +52,7 @@ def backbone_units(model: OcecModel) -> list[str]:
 def trainable_units(unit_names: list[str], fraction: float) -> list[str]:
     """The last ceil(fraction * units) units, counted from the output side (the stem comes last)."""
     count = math.ceil(fraction * len(unit_names) - 1e-9)
-    return unit_names[len(unit_names) - count:] if count > 0 else []
+    return unit_names[len(unit_names) - count :] if count > 0 else []
 
 
 def set_backbone_fraction(model: OcecModel, fraction: float) -> list[str]:
@@ -77,6 +85,7 @@ def active_stage(stages: list[Stage], epoch: int) -> Stage | None:
 
 # --- learning-rate schedule ---------------------------------------------------------------------
 
+
 class LRSchedule:
     """Per-step linear warmup, then ReduceLROnPlateau-style decay driven by an epoch metric.
 
@@ -84,8 +93,17 @@ class LRSchedule:
     number of epochs without improvement exceeds `patience`); epochs still in warmup do not count.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, base_lrs: dict[str, float], steps_per_epoch: int,
-                 warmup_epochs: float, factor: float, patience: int, mode: str = "min", min_lr: float = 0.0):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        base_lrs: dict[str, float],
+        steps_per_epoch: int,
+        warmup_epochs: float,
+        factor: float,
+        patience: int,
+        mode: str = "min",
+        min_lr: float = 0.0,
+    ):
         self.optimizer = optimizer
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.base = dict(base_lrs)
@@ -158,9 +176,16 @@ class LRSchedule:
         return True
 
     def state_dict(self) -> dict:
-        return {"base": dict(self.base), "scale": dict(self.scale), "warmup_start": dict(self.warmup_start),
-                "warmup_steps": dict(self.warmup_steps), "global_warmup_steps": self.global_warmup_steps,
-                "step_count": self.step_count, "best": self.best, "bad_epochs": self.bad_epochs}
+        return {
+            "base": dict(self.base),
+            "scale": dict(self.scale),
+            "warmup_start": dict(self.warmup_start),
+            "warmup_steps": dict(self.warmup_steps),
+            "global_warmup_steps": self.global_warmup_steps,
+            "step_count": self.step_count,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("base", "scale", "warmup_start", "warmup_steps"):

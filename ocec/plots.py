@@ -17,6 +17,7 @@ from .fileio import atomic_write
 def require_matplotlib(flag: str):
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -31,6 +32,10 @@ def _save(fig, path: Path) -> Path:
     return atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
+def _series(history: list[dict], key: str) -> list[float]:
+    return [np.nan if r.get(key) is None else r[key] for r in history]
+
+
 def plot_runs(runs: list[tuple[str, list[dict]]], out: Path) -> tuple[Path, int]:
     """One figure: val F1, train/val loss and learning rate per epoch for every run.
 
@@ -42,20 +47,16 @@ def plot_runs(runs: list[tuple[str, list[dict]]], out: Path) -> tuple[Path, int]
     for i, (label, history) in enumerate(runs):
         colour = colours[i % len(colours)]  # one colour per run across all panels
         epochs = [r["epoch"] for r in history]
-
-        def series(key):
-            return [np.nan if r.get(key) is None else r[key] for r in history]
-
         if any(r.get("val_f1") is not None for r in history):
-            axes[0].plot(epochs, series("val_f1"), marker=".", color=colour, label=label)
+            axes[0].plot(epochs, _series(history, "val_f1"), marker=".", color=colour, label=label)
             lines += 1
-        axes[1].plot(epochs, series("train_loss"), linestyle="--", color=colour, label=f"{label} train")
+        axes[1].plot(epochs, _series(history, "train_loss"), linestyle="--", color=colour, label=f"{label} train")
         lines += 1
         if any(r.get("val_loss") is not None for r in history):
-            axes[1].plot(epochs, series("val_loss"), color=colour, label=f"{label} val")
+            axes[1].plot(epochs, _series(history, "val_loss"), color=colour, label=f"{label} val")
             lines += 1
         lr_key = "lr_backbone" if any("lr_backbone" in r for r in history) else "lr_head"
-        axes[2].plot(epochs, series(lr_key), color=colour, label=f"{label} {lr_key[3:]}")
+        axes[2].plot(epochs, _series(history, lr_key), color=colour, label=f"{label} {lr_key[3:]}")
         lines += 1
     for ax, title in zip(axes, ("validation F1", "loss (dashed: train)", "learning rate")):
         ax.set_title(title)
@@ -77,8 +78,9 @@ def save_diagnostics(folder: Path, epoch: int, labels, probs) -> list[Path]:
     probs = np.asarray(probs, dtype=np.float64)
     written = []
     fig, ax = plt.subplots(figsize=(4, 4))
-    ConfusionMatrixDisplay.from_predictions(labels, (probs >= 0.5).astype(int), labels=[0, 1],
-                                            display_labels=["closed", "open"], ax=ax, colorbar=False)
+    ConfusionMatrixDisplay.from_predictions(
+        labels, (probs >= 0.5).astype(int), labels=[0, 1], display_labels=["closed", "open"], ax=ax, colorbar=False
+    )
     ax.set_title(f"epoch {epoch}")
     written.append(_save(fig, folder / f"confusion_epoch{epoch:04d}.png"))
     plt.close(fig)

@@ -23,6 +23,7 @@ def check_optional(tensorboard: bool, diagnostics: bool) -> None:
             raise UserError("--tensorboard needs the tensorboard package: pip install 'ocec[tensorboard]'") from None
     if diagnostics:
         from .plots import require_matplotlib
+
         require_matplotlib("--save_diagnostics")
 
 
@@ -32,6 +33,7 @@ class Reporter:
         self.run_dir, self.diagnostics, self.writer = run_dir, diagnostics, None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
+
             logdir = run_dir / "tensorboard"
             self.writer = SummaryWriter(str(logdir))
             log.info("tensorboard: view with  tensorboard --logdir %s", logdir)
@@ -46,6 +48,7 @@ class Reporter:
             self.writer.flush()
         if self.diagnostics and val_labels is not None:
             from .plots import save_diagnostics
+
             save_diagnostics(self.run_dir / "diagnostics", epoch, val_labels, val_probs)
 
     def close(self) -> None:

@@ -21,10 +21,13 @@ from PIL import Image
 
 from .errors import UserError
 
-SKIN_TONES = np.array([[236, 196, 164], [214, 164, 124], [186, 136, 98], [150, 104, 72], [108, 76, 54],
-                       [244, 206, 188], [200, 150, 120]], dtype=np.float32)
-IRIS_COLOURS = np.array([[96, 62, 30], [60, 40, 22], [64, 112, 70], [72, 110, 160], [44, 44, 44],
-                         [122, 92, 52]], dtype=np.float32)
+SKIN_TONES = np.array(
+    [[236, 196, 164], [214, 164, 124], [186, 136, 98], [150, 104, 72], [108, 76, 54], [244, 206, 188], [200, 150, 120]],
+    dtype=np.float32,
+)
+IRIS_COLOURS = np.array(
+    [[96, 62, 30], [60, 40, 22], [64, 112, 70], [72, 110, 160], [44, 44, 44], [122, 92, 52]], dtype=np.float32
+)
 STYLES = ("a", "b")
 
 
@@ -37,10 +40,15 @@ class Subject:
 
 
 def make_subjects(count: int, rng: np.random.Generator) -> list[Subject]:
-    return [Subject(skin=SKIN_TONES[rng.integers(len(SKIN_TONES))] * rng.uniform(0.9, 1.08, 3),
-                    iris=IRIS_COLOURS[rng.integers(len(IRIS_COLOURS))] * rng.uniform(0.8, 1.2, 3),
-                    aspect=float(rng.uniform(0.32, 0.48)), lid_width=float(rng.uniform(0.7, 1.4)))
-            for _ in range(count)]
+    return [
+        Subject(
+            skin=SKIN_TONES[rng.integers(len(SKIN_TONES))] * rng.uniform(0.9, 1.08, 3),
+            iris=IRIS_COLOURS[rng.integers(len(IRIS_COLOURS))] * rng.uniform(0.8, 1.2, 3),
+            aspect=float(rng.uniform(0.32, 0.48)),
+            lid_width=float(rng.uniform(0.7, 1.4)),
+        )
+        for _ in range(count)
+    ]
 
 
 def _soft(distance: np.ndarray) -> np.ndarray:
@@ -134,8 +142,16 @@ def encode(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def synth_table(rows: int, seed: int, style: str = "a", subjects: int = 24, with_split: bool = True,
-                embed_bytes: bool = True, image_dir: Path | None = None, open_fraction: float = 0.5) -> pa.Table:
+def synth_table(
+    rows: int,
+    seed: int,
+    style: str = "a",
+    subjects: int = 24,
+    with_split: bool = True,
+    embed_bytes: bool = True,
+    image_dir: Path | None = None,
+    open_fraction: float = 0.5,
+) -> pa.Table:
     """Render `rows` images; returns a table with the ocec parquet schema.
 
     With `embed_bytes=False` the PNGs are written under `image_dir` and referenced by relative path.
@@ -169,8 +185,16 @@ def synth_table(rows: int, seed: int, style: str = "a", subjects: int = 24, with
     return pa.table({k: pa.array(v, type=schema_types.get(k)) for k, v in table.items()})
 
 
-def write_synthetic(out: str | Path, rows: int, seed: int, style: str = "a", shards: int = 1,
-                    with_split: bool = True, embed_bytes: bool = True, **kwargs) -> list[Path]:
+def write_synthetic(
+    out: str | Path,
+    rows: int,
+    seed: int,
+    style: str = "a",
+    shards: int = 1,
+    with_split: bool = True,
+    embed_bytes: bool = True,
+    **kwargs,
+) -> list[Path]:
     """Write a synthetic dataset to the folder `out` (dataset.parquet, or part-NNN.parquet shards)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,24 +27,51 @@ from tqdm import tqdm
 
 from . import __version__
 from .augment import augment_batch
-from .checkpoint import (INTERRUPTED_NAME, CheckpointKeeper, best_name, choose_best, epoch_name, latest_resumable, load_file,
-                         load_pretrained, save_checkpoint)
+from .checkpoint import (
+    INTERRUPTED_NAME,
+    CheckpointKeeper,
+    best_name,
+    choose_best,
+    epoch_name,
+    latest_resumable,
+    load_file,
+    load_pretrained,
+    save_checkpoint,
+)
 from .config import ModelConfig, TrainConfig, merge_pretrained_config
-from .data import Dataset, Split, default_cache_dir, load_dataset
+from .data import Split, default_cache_dir, load_dataset
 from .errors import UserError
 from .fileio import remove_stale_temporaries, to_jsonable, write_json_atomic, write_text_atomic
 from .metrics import binary_report, fisher_ratio, is_defined
 from .model import OcecModel, build_model
-from .optim import (LRSchedule, active_stage, backbone_units, build_optimizer, freeze_batchnorm_statistics,
-                    set_backbone_fraction)
+from .optim import (
+    LRSchedule,
+    active_stage,
+    backbone_units,
+    build_optimizer,
+    freeze_batchnorm_statistics,
+    set_backbone_fraction,
+)
 from .reporting import Reporter, check_optional
 
 log = logging.getLogger("ocec")
 
 # Flags that may change when a run is resumed (where data lives, how to run it, how long); everything
 # that shapes the training itself comes from the checkpoint.
-RESUME_OVERRIDABLE = ("epochs", "device", "num_workers", "cache_dir", "keep_last", "keep_best", "max_bad_steps",
-                      "save_diagnostics", "tensorboard", "data_root", "mix_data_root", "extra_val_root")
+RESUME_OVERRIDABLE = (
+    "epochs",
+    "device",
+    "num_workers",
+    "cache_dir",
+    "keep_last",
+    "keep_best",
+    "max_bad_steps",
+    "save_diagnostics",
+    "tensorboard",
+    "data_root",
+    "mix_data_root",
+    "extra_val_root",
+)
 CLI_ONLY = {"resume", "debug", "no_cache"}
 
 
@@ -57,6 +84,7 @@ class Interrupted(Exception):
 
 
 # --- set-up helpers ------------------------------------------------------------------------------
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -135,6 +163,7 @@ class _BufferHandler(logging.Handler):
 
 # --- batches ---------------------------------------------------------------------------------------
 
+
 def _draw(labels: torch.Tensor, count: int, generator: torch.Generator, balanced: bool) -> torch.Tensor:
     """`count` indices into `labels`: a permutation (repeated if needed), or class-balanced with replacement."""
     if count <= 0:
@@ -146,8 +175,13 @@ def _draw(labels: torch.Tensor, count: int, generator: torch.Generator, balanced
     return torch.cat([torch.randperm(len(labels), generator=generator) for _ in range(reps)])[:count]
 
 
-def epoch_order(primary_labels: torch.Tensor, mix_labels: torch.Tensor | None, mix_ratio: float,
-                balanced: bool, generator: torch.Generator) -> torch.Tensor:
+def epoch_order(
+    primary_labels: torch.Tensor,
+    mix_labels: torch.Tensor | None,
+    mix_ratio: float,
+    balanced: bool,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """Indices into cat(primary, mix) for one epoch: len(primary) samples, round(mix_ratio * len) of
     them from the mix pool, shuffled together."""
     total = len(primary_labels)
@@ -181,13 +215,19 @@ def place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_split(model: OcecModel, images: torch.Tensor, batch_size: int, device: torch.device,
-                  amp_dtype: torch.dtype | None = None, desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+def predict_split(
+    model: OcecModel,
+    images: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    desc: str = "eval",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Margin-free logits and embeddings (float32, CPU) for uint8 images, in eval mode without augmentation."""
     model.eval()
     logits, embeddings = [], []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=None, unit="batch"):
-        x = to_float(images[start:start + batch_size], device)
+        x = to_float(images[start : start + batch_size], device)
         with autocast(device, amp_dtype):
             emb = model.embed(x)
             logit = model.margin_head.logit(emb)
@@ -198,13 +238,20 @@ def predict_split(model: OcecModel, images: torch.Tensor, batch_size: int, devic
     return torch.cat(logits), torch.cat(embeddings)
 
 
+def require_finite(logits: torch.Tensor, what: str, why: str = "the weights hold NaN or inf values") -> None:
+    if not bool(torch.isfinite(logits).all()):
+        raise UserError(f"{what}: outputs are not finite: {why}")
+
+
 def evaluate_split(model, split: Split, batch_size, device, amp_dtype, desc="val") -> dict:
     """Margin-free BCE loss, the classification report and the Fisher ratio of one split."""
     images = split.images
     logits, embeddings = predict_split(model, images, batch_size, device, amp_dtype, desc)
-    if not bool(torch.isfinite(logits).all()):
-        raise UserError(f"the model's {desc} outputs are not finite: training diverged (the learning rate is "
-                        "likely too high); the best and last good checkpoints are intact")
+    require_finite(
+        logits,
+        f"the {desc} split",
+        "training diverged (the learning rate is likely too high); the best and last good checkpoints are intact",
+    )
     labels = split.labels
     loss = float(F.binary_cross_entropy_with_logits(logits, labels.float())) if len(labels) else float("nan")
     report = {"loss": loss, **binary_report(labels.numpy(), torch.sigmoid(logits).numpy())}
@@ -214,6 +261,7 @@ def evaluate_split(model, split: Split, batch_size, device, amp_dtype, desc="val
 
 
 # --- one epoch ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class EpochState:
@@ -226,9 +274,13 @@ class EpochState:
     labels: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "loss_sum": self.loss_sum, "seen": self.seen,
-                "logits": torch.cat(self.logits) if self.logits else torch.empty(0),
-                "labels": torch.cat(self.labels) if self.labels else torch.empty(0, dtype=torch.long)}
+        return {
+            "step": self.step,
+            "loss_sum": self.loss_sum,
+            "seen": self.seen,
+            "logits": torch.cat(self.logits) if self.logits else torch.empty(0),
+            "labels": torch.cat(self.labels) if self.labels else torch.empty(0, dtype=torch.long),
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "EpochState":
@@ -272,7 +324,6 @@ class Run:
     amp_dtype: torch.dtype | None
     pool_images: torch.Tensor
     pool_labels: torch.Tensor
-    primary_count: int
     class_weight: torch.Tensor | None
     run_dir: Path
     keeper: CheckpointKeeper
@@ -283,8 +334,9 @@ class Run:
     bad_steps: int = 0
 
 
-def train_one_epoch(run: Run, epoch: int, order: torch.Tensor, aug_gen: torch.Generator,
-                    state: EpochState) -> EpochState:
+def train_one_epoch(
+    run: Run, epoch: int, order: torch.Tensor, aug_gen: torch.Generator, state: EpochState
+) -> EpochState:
     cfg, model, device = run.cfg, run.model, run.device
     model.train()
     freeze_batchnorm_statistics(model)
@@ -294,7 +346,7 @@ def train_one_epoch(run: Run, epoch: int, order: torch.Tensor, aug_gen: torch.Ge
     order = order.to(run.pool_images.device)
     labels_on_pool = run.pool_labels.to(run.pool_images.device)
     while state.step < n_steps:
-        idx = order[state.step * cfg.batch_size:(state.step + 1) * cfg.batch_size]
+        idx = order[state.step * cfg.batch_size : (state.step + 1) * cfg.batch_size]
         x = augment_batch(to_float(run.pool_images[idx], device), cfg.augment, aug_gen)
         y = labels_on_pool[idx].to(device, non_blocking=True)
         with autocast(device, run.amp_dtype):
@@ -326,12 +378,19 @@ def train_one_epoch(run: Run, epoch: int, order: torch.Tensor, aug_gen: torch.Ge
             if run.scaler is not None:
                 run.scaler.update()
             run.bad_steps += 1
-            log.warning("epoch %d step %d: non-finite %s, step skipped (%d in a row)", epoch, state.step + 1,
-                        "loss" if not bool(finite) else "gradient", run.bad_steps)
+            log.warning(
+                "epoch %d step %d: non-finite %s, step skipped (%d in a row)",
+                epoch,
+                state.step + 1,
+                "loss" if not bool(finite) else "gradient",
+                run.bad_steps,
+            )
             if run.bad_steps >= cfg.max_bad_steps:
-                raise UserError(f"{run.bad_steps} consecutive training steps were non-finite (epoch {epoch}, step "
-                                f"{state.step + 1}): the learning rate ({run.schedule.lrs()}) is likely too high or "
-                                f"the data broken; the best and last good checkpoints in {run.run_dir} are intact")
+                raise UserError(
+                    f"{run.bad_steps} consecutive training steps were non-finite (epoch {epoch}, step "
+                    f"{state.step + 1}): the learning rate ({run.schedule.lrs()}) is likely too high or "
+                    f"the data broken; the best and last good checkpoints in {run.run_dir} are intact"
+                )
         run.schedule.step()
         state.step += 1
         bar.update(1)
@@ -343,10 +402,13 @@ def train_one_epoch(run: Run, epoch: int, order: torch.Tensor, aug_gen: torch.Ge
 
 # --- the job --------------------------------------------------------------------------------------------
 
+
 def _resume_config(path: Path, cfg: TrainConfig, model_cfg: ModelConfig, typed: set[str]):
     raw = load_file(path, "--resume")
     if raw.get("ocec_format") is None:
-        raise UserError(f"--resume {path}: not an ocec training checkpoint (use --pretrain to start from foreign weights)")
+        raise UserError(
+            f"--resume {path}: not an ocec training checkpoint (use --pretrain to start from foreign weights)"
+        )
     saved_model = ModelConfig.from_dict(raw["model_config"])
     saved_train = TrainConfig.from_dict(raw["train_config"])
     try:
@@ -354,14 +416,18 @@ def _resume_config(path: Path, cfg: TrainConfig, model_cfg: ModelConfig, typed: 
     except UserError as exc:
         raise UserError(str(exc).replace("--pretrain", "--resume", 1)) from None
     if "margin_method" in typed and model_cfg.margin_method != saved_model.margin_method:
-        raise UserError(f"--resume: margin_method: checkpoint={saved_model.margin_method}, given={model_cfg.margin_method}")
+        raise UserError(
+            f"--resume: margin_method: checkpoint={saved_model.margin_method}, given={model_cfg.margin_method}"
+        )
     for name in RESUME_OVERRIDABLE:
         if name in typed:
             setattr(saved_train, name, getattr(cfg, name))
     ignored = sorted(typed - set(RESUME_OVERRIDABLE) - CLI_ONLY - set(vars(model_cfg)))
     if ignored:
-        log.warning("--resume: these flags are taken from the checkpoint, not the command line: %s",
-                    ", ".join("--" + n for n in ignored))
+        log.warning(
+            "--resume: these flags are taken from the checkpoint, not the command line: %s",
+            ", ".join("--" + n for n in ignored),
+        )
     saved_train.resume = str(path)
     return raw, saved_model, saved_train.validate()
 
@@ -375,16 +441,20 @@ def _class_weight(open_share: float, balance: str) -> torch.Tensor | None:
 
 
 def _load_data(cfg: TrainConfig, image_size, cache_dir):
-    common = dict(ratios=(cfg.train_ratio, cfg.val_ratio, cfg.test_ratio), seed=cfg.seed, num_workers=cfg.num_workers,
-                  cache_dir=cache_dir, max_bad_fraction=cfg.max_bad_fraction)
+    common = dict(
+        ratios=(cfg.train_ratio, cfg.val_ratio, cfg.test_ratio),
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        cache_dir=cache_dir,
+        max_bad_fraction=cfg.max_bad_fraction,
+    )
     data = load_dataset(cfg.data_root, image_size, name="data", **common)
     train_split = data.get("train")
     if train_split is None:
         raise UserError(f"--data_root {cfg.data_root}: the train split is empty")
-    for name in ("val",):
-        split = data.get(name)
-        if split is not None and len(set(split.labels.tolist())) < 2:
-            log.warning("data: the %s split has only one class: F1 and ROC-AUC may be undefined (null)", name)
+    val = data.get("val")
+    if val is not None and len(set(val.labels.tolist())) < 2:
+        log.warning("data: the val split has only one class: F1 and ROC-AUC may be undefined (null)")
     mix = None
     if cfg.mix_data_root:
         mix = load_dataset(cfg.mix_data_root, image_size, name="mix", **common).get("train")
@@ -412,7 +482,6 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, typed: set[str] = frozenset(
 
 
 def _train(cfg: TrainConfig, model_cfg: ModelConfig, typed: set[str], buffer: _BufferHandler) -> Path:
-    started = time.time()
     cfg.validate()
     check_optional(cfg.tensorboard, cfg.save_diagnostics)
     device = resolve_device(cfg.device)
@@ -424,8 +493,12 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, typed: set[str], buffer: _B
         resume_raw, model_cfg, cfg = _resume_config(resume_path, cfg, model_cfg, typed)
         run_dir = resume_path.parent
         check_writable(run_dir, "--resume")
-        log.info("resuming %s from epoch %d%s", run_dir, resume_raw["epoch"],
-                 f" step {resume_raw['step']}" if resume_raw.get("step") else "")
+        log.info(
+            "resuming %s from epoch %d%s",
+            run_dir,
+            resume_raw["epoch"],
+            f" step {resume_raw['step']}" if resume_raw.get("step") else "",
+        )
     else:
         output_dir = check_writable(cfg.output_dir)
         if cfg.pretrain:
@@ -443,18 +516,38 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, typed: set[str], buffer: _B
     if snapshot is not None:
         report = load_pretrained(model, snapshot, cfg.reinit_head, cfg.margin_init)
         log.info(report.line())
-        pretrain_info = {"path": str(snapshot.path), "origin": snapshot.origin, "f1": snapshot.score,
-                         "loaded": report.loaded, "reinitialised": report.reinitialised}
+        pretrain_info = {
+            "path": str(snapshot.path),
+            "origin": snapshot.origin,
+            "f1": snapshot.score,
+            "loaded": report.loaded,
+            "reinitialised": report.reinitialised,
+        }
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %s backbone, %s head, %s margin head, %d blocks, %d base channels, %d parameters, image %dx%d",
-             model_cfg.arch_variant, model_cfg.resolved_head, model_cfg.margin_method, model_cfg.num_blocks,
-             model_cfg.base_channels, n_params, *model_cfg.image_size)
+    log.info(
+        "model: %s backbone, %s head, %s margin head, %d blocks, %d base channels, %d parameters, image %dx%d",
+        model_cfg.arch_variant,
+        model_cfg.resolved_head,
+        model_cfg.margin_method,
+        model_cfg.num_blocks,
+        model_cfg.base_channels,
+        n_params,
+        *model_cfg.image_size,
+    )
 
     amp_dtype, needs_scaler = amp_settings(device, cfg.use_amp)
     optimizer = build_optimizer(model, cfg.group_lrs, cfg.weight_decay)
     n_steps = steps_per_epoch(len(train_split), cfg.batch_size)
-    schedule = LRSchedule(optimizer, cfg.group_lrs, n_steps, cfg.warmup_epochs, cfg.plateau_factor,
-                          cfg.plateau_patience, "max" if cfg.plateau_metric == "val_f1" else "min", cfg.min_lr)
+    schedule = LRSchedule(
+        optimizer,
+        cfg.group_lrs,
+        n_steps,
+        cfg.warmup_epochs,
+        cfg.plateau_factor,
+        cfg.plateau_patience,
+        "max" if cfg.plateau_metric == "val_f1" else "min",
+        cfg.min_lr,
+    )
     scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
 
     pool_images = torch.cat([train_split.images, mix.images]) if mix is not None else train_split.images
@@ -466,36 +559,61 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, typed: set[str], buffer: _B
 
     if resume_raw is None:
         run_dir = next_run_dir(output_dir)
-    file_handler = logging.FileHandler(run_dir / "train.log")
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    file_handler._ocec_run_log = True
-    for record in buffer.records:
-        file_handler.handle(record)
-    log.removeHandler(buffer)
-    log.addHandler(file_handler)
+    _attach_run_log(run_dir, buffer)
     remove_stale_temporaries(run_dir)
 
-    run = Run(cfg, model_cfg, device, model, optimizer, schedule, scaler, amp_dtype,
-              place_images(pool_images, device), pool_labels, len(train_split),
-              None if class_weight is None else class_weight.to(device), run_dir,
-              CheckpointKeeper(run_dir, cfg.keep_last, cfg.keep_best), StopFlag(), pretrain=pretrain_info)
+    run = Run(
+        cfg,
+        model_cfg,
+        device,
+        model,
+        optimizer,
+        schedule,
+        scaler,
+        amp_dtype,
+        place_images(pool_images, device),
+        pool_labels,
+        None if class_weight is None else class_weight.to(device),
+        run_dir,
+        CheckpointKeeper(run_dir, cfg.keep_last, cfg.keep_best),
+        StopFlag(),
+        pretrain=pretrain_info,
+    )
     start_epoch, partial = 1, None
     if resume_raw is not None:
         start_epoch, partial = _restore(run, resume_raw)
     else:
         log.info("run folder: %s", run_dir)
-        write_json_atomic(run_dir / "config.json", {"model": model_cfg.to_dict(), "train": cfg.to_dict(),
-                                                     "pretrain": pretrain_info, "device": str(device),
-                                                     "ocec_version": __version__})
+        write_json_atomic(
+            run_dir / "config.json",
+            {
+                "model": model_cfg.to_dict(),
+                "train": cfg.to_dict(),
+                "pretrain": pretrain_info,
+                "device": str(device),
+                "ocec_version": __version__,
+            },
+        )
     reporter = Reporter(run_dir, cfg.tensorboard, cfg.save_diagnostics)
     try:
         with handle_stop_signals(run.stop):
             _epochs(run, start_epoch, partial, train_split, val_split, extra, mix, reporter)
     finally:
         reporter.close()
-    _write_summary(run, started)
+    _write_summary(run)
     log.info("done: best F1 %s at epoch %s -> %s", _fmt(run.best["f1"]), run.best["epoch"], run.best["path"])
     return run_dir
+
+
+def _attach_run_log(run_dir: Path, buffer: _BufferHandler) -> None:
+    """From now on log to <run>/train.log too, starting with what was logged before the folder existed."""
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler._ocec_run_log = True
+    for record in buffer.records:
+        handler.handle(record)
+    log.removeHandler(buffer)
+    log.addHandler(handler)
 
 
 def _restore(run: Run, raw: dict) -> tuple[int, EpochState | None]:
@@ -523,18 +641,27 @@ def _fmt(value, digits: int = 4) -> str:
 
 def _payload(run: Run, epoch: int, metrics: dict, score: float | None, step: int = 0, extra: dict | None = None):
     return {
-        "ocec_format": 1, "ocec_version": __version__,
-        "model_config": run.model_cfg.to_dict(), "train_config": run.cfg.to_dict(),
-        "normalization": {"mean": list(run.model_cfg.mean), "std": list(run.model_cfg.std),
-                          "image_size": list(run.model_cfg.image_size)},
+        "ocec_format": 1,
+        "ocec_version": __version__,
+        "model_config": run.model_cfg.to_dict(),
+        "train_config": run.cfg.to_dict(),
+        "normalization": {
+            "mean": list(run.model_cfg.mean),
+            "std": list(run.model_cfg.std),
+            "image_size": list(run.model_cfg.image_size),
+        },
         "label_map": {0: "closed", 1: "open"},
-        "epoch": epoch, "step": step,
+        "epoch": epoch,
+        "step": step,
         "model_state": run.model.state_dict(),
         "optimizer_state": run.optimizer.state_dict(),
         "schedule_state": run.schedule.state_dict(),
         "scaler_state": run.scaler.state_dict() if run.scaler is not None else None,
-        "metrics": to_jsonable(metrics), "score": score,
-        "best": dict(run.best), "history": list(run.history), "pretrain": run.pretrain,
+        "metrics": to_jsonable(metrics),
+        "score": score,
+        "best": dict(run.best),
+        "history": list(run.history),
+        "pretrain": run.pretrain,
         **(extra or {}),
     }
 
@@ -554,11 +681,17 @@ def _apply_stage(run: Run, epoch: int, start_epoch: int, mid_epoch: bool) -> Non
             run.schedule.set_base("backbone", stage.backbone_lr)
     if begins_now or epoch == start_epoch:
         total = len(backbone_units(run.model))
-        log.info("stage from epoch %d: %d/%d backbone units trainable (%s)%s", stage.epoch if stage else 1,
-                 len(units), total, ", ".join(units) or "backbone frozen",
-                 f", backbone lr {run.schedule.base['backbone']:.2e}" + (
-                     f", re-warming over {run.cfg.stage_warmup_epochs:g} epoch(s)" if begins_now and epoch > 1 else "")
-                 if units else "")
+        log.info(
+            "stage from epoch %d: %d/%d backbone units trainable (%s)%s",
+            stage.epoch if stage else 1,
+            len(units),
+            total,
+            ", ".join(units) or "backbone frozen",
+            f", backbone lr {run.schedule.base['backbone']:.2e}"
+            + (f", re-warming over {run.cfg.stage_warmup_epochs:g} epoch(s)" if begins_now and epoch > 1 else "")
+            if units
+            else "",
+        )
 
 
 def _epochs(run: Run, start_epoch: int, partial, train_split, val_split, extra, mix, reporter) -> None:
@@ -575,15 +708,31 @@ def _epochs(run: Run, start_epoch: int, partial, train_split, val_split, extra, 
             torch.manual_seed(epoch_seed(cfg.seed, epoch, 3))
             state = EpochState()
         partial = None
-        order = epoch_order(train_split.labels, mix.labels if mix is not None else None, cfg.mix_ratio,
-                            cfg.balance == "sampler", index_gen)
+        order = epoch_order(
+            train_split.labels,
+            mix.labels if mix is not None else None,
+            cfg.mix_ratio,
+            cfg.balance == "sampler",
+            index_gen,
+        )
         tic = time.time()
         state = train_one_epoch(run, epoch, order, aug_gen, state)
         train_seconds = time.time() - tic
         if run.stop.signum is not None and state.step < steps_per_epoch(len(order), cfg.batch_size):
-            path = save_checkpoint(run.run_dir / INTERRUPTED_NAME, _payload(
-                run, epoch, {}, None, step=state.step,
-                extra={"partial": state.to_dict(), "rng": {"torch": torch.get_rng_state(), "aug": aug_gen.get_state()}}))
+            path = save_checkpoint(
+                run.run_dir / INTERRUPTED_NAME,
+                _payload(
+                    run,
+                    epoch,
+                    {},
+                    None,
+                    step=state.step,
+                    extra={
+                        "partial": state.to_dict(),
+                        "rng": {"torch": torch.get_rng_state(), "aug": aug_gen.get_state()},
+                    },
+                ),
+            )
             _stop_message(run, path)
         _end_epoch(run, epoch, state, train_seconds, val_split, extra, reporter)
         if run.stop.signum is not None:
@@ -599,8 +748,10 @@ def _end_epoch(run: Run, epoch: int, state: EpochState, train_seconds: float, va
     cfg = run.cfg
     logits = torch.cat(state.logits) if state.logits else torch.empty(0)
     labels = torch.cat(state.labels) if state.labels else torch.empty(0, dtype=torch.long)
-    train_metrics = {"loss": state.loss_sum / max(1, state.seen),
-                     **binary_report(labels.numpy(), torch.sigmoid(logits).numpy())}
+    train_metrics = {
+        "loss": state.loss_sum / max(1, state.seen),
+        **binary_report(labels.numpy(), torch.sigmoid(logits).numpy()),
+    }
     metrics = {"train": train_metrics}
     val_probs = None
     if val_split is not None:
@@ -622,7 +773,10 @@ def _end_epoch(run: Run, epoch: int, state: EpochState, train_seconds: float, va
     row["seconds"] = round(train_seconds, 3)
     row["images_per_s"] = round(state.seen / train_seconds, 1) if train_seconds > 0 else None
     row["trainable_backbone_units"] = sum(
-        1 for u in backbone_units(run.model) if any(p.requires_grad for p in run.model.backbone.get_submodule(u).parameters()))
+        1
+        for u in backbone_units(run.model)
+        if any(p.requires_grad for p in run.model.backbone.get_submodule(u).parameters())
+    )
     run.history.append(to_jsonable(row))
 
     improved = is_defined(score) and (run.best["f1"] is None or score > run.best["f1"])
@@ -632,14 +786,16 @@ def _end_epoch(run: Run, epoch: int, state: EpochState, train_seconds: float, va
     run.keeper.save_epoch(epoch, _payload(run, epoch, metrics, score))
     (run.run_dir / INTERRUPTED_NAME).unlink(missing_ok=True)
     _write_history(run)
-    _write_summary(run, None)
+    _write_summary(run)
     reporter.epoch_end(row, val_split.labels.numpy() if val_split is not None else None, val_probs)
 
-    text = (f"epoch {epoch}/{cfg.epochs} train loss {_fmt(train_metrics['loss'])} f1 {_fmt(train_metrics['f1'])}")
+    text = f"epoch {epoch}/{cfg.epochs} train loss {_fmt(train_metrics['loss'])} f1 {_fmt(train_metrics['f1'])}"
     if "val" in metrics:
         v = metrics["val"]
-        text += (f" | val loss {_fmt(v['loss'])} f1 {_fmt(v['f1'])} auc {_fmt(v['roc_auc'], 3)} "
-                 f"fisher {_fmt(v['fisher'], 3)}")
+        text += (
+            f" | val loss {_fmt(v['loss'])} f1 {_fmt(v['f1'])} auc {_fmt(v['roc_auc'], 3)} "
+            f"fisher {_fmt(v['fisher'], 3)}"
+        )
     if "extra_val" in metrics:
         text += f" | extra_val f1 {_fmt(metrics['extra_val']['f1'])}"
     text += " | lr " + " ".join(f"{g} {v:.2e}" for g, v in lrs.items())
@@ -648,9 +804,13 @@ def _end_epoch(run: Run, epoch: int, state: EpochState, train_seconds: float, va
         text += " [best]"
     log.info(text)
     if reduced:
-        log.info("plateau: %s did not improve for %d epoch(s); learning rates x%g -> %s", cfg.plateau_metric,
-                 cfg.plateau_patience + 1, cfg.plateau_factor,
-                 ", ".join(f"{g} {v:.2e}" for g, v in run.schedule.lrs().items()))
+        log.info(
+            "plateau: %s did not improve for %d epoch(s); learning rates x%g -> %s",
+            cfg.plateau_metric,
+            cfg.plateau_patience + 1,
+            cfg.plateau_factor,
+            ", ".join(f"{g} {v:.2e}" for g, v in run.schedule.lrs().items()),
+        )
 
 
 def _write_history(run: Run) -> None:
@@ -663,19 +823,30 @@ def _write_history(run: Run) -> None:
     write_text_atomic(run.run_dir / "history.csv", buffer.getvalue())
 
 
-def _write_summary(run: Run, started: float | None) -> None:
+def _write_summary(run: Run) -> None:
     last = run.history[-1] if run.history else {}
     rates = [r["images_per_s"] for r in run.history if r.get("images_per_s")]
     epoch_files = sorted(run.run_dir.glob("ocec_epoch_*.pt"))
-    write_json_atomic(run.run_dir / "summary.json", {
-        "run_dir": str(run.run_dir),
-        "best_epoch": run.best["epoch"], "best_f1": run.best["f1"], "best_checkpoint": run.best["path"],
-        "selection": "val_f1" if "val_f1" in last else "train_f1",
-        "last_epoch": last.get("epoch"), "last_checkpoint": str(epoch_files[-1]) if epoch_files else None,
-        "final_val_f1": last.get("val_f1"), "final_train_f1": last.get("train_f1"),
-        "best_val_fisher": max((r["val_fisher"] for r in run.history if is_defined(r.get("val_fisher"))), default=None),
-        "epochs": run.cfg.epochs, "epochs_completed": len(run.history),
-        "train_seconds": round(sum(r.get("seconds") or 0 for r in run.history), 2),
-        "images_per_s": round(sum(rates) / len(rates), 1) if rates else None,
-        "pretrain": run.pretrain, "device": str(run.device),
-    })
+    write_json_atomic(
+        run.run_dir / "summary.json",
+        {
+            "run_dir": str(run.run_dir),
+            "best_epoch": run.best["epoch"],
+            "best_f1": run.best["f1"],
+            "best_checkpoint": run.best["path"],
+            "selection": "val_f1" if "val_f1" in last else "train_f1",
+            "last_epoch": last.get("epoch"),
+            "last_checkpoint": str(epoch_files[-1]) if epoch_files else None,
+            "final_val_f1": last.get("val_f1"),
+            "final_train_f1": last.get("train_f1"),
+            "best_val_fisher": max(
+                (r["val_fisher"] for r in run.history if is_defined(r.get("val_fisher"))), default=None
+            ),
+            "epochs": run.cfg.epochs,
+            "epochs_completed": len(run.history),
+            "train_seconds": round(sum(r.get("seconds") or 0 for r in run.history), 2),
+            "images_per_s": round(sum(rates) / len(rates), 1) if rates else None,
+            "pretrain": run.pretrain,
+            "device": str(run.device),
+        },
+    )

@@ -18,8 +18,8 @@ KEY_MAP: dict[str, list[tuple[str, str]]] = {
     "baseline": [
         (r"^stem\.", "backbone.stem."),
         (r"^features\.", "backbone.features."),
-        (r"^head\.0\.", "head.norm."),          # BatchNorm1d after global average pooling
-        (r"^head\.2\.", "margin_head.fc."),     # Linear(C -> 1): the one-logit classifier
+        (r"^head\.0\.", "head.norm."),  # BatchNorm1d after global average pooling
+        (r"^head\.2\.", "margin_head.fc."),  # Linear(C -> 1): the one-logit classifier
     ],
 }
 UPSTREAM_AUTO_HEAD = {"baseline": "avg", "inverted_se": "avgmax_mlp", "convnext": "transformer"}
@@ -34,8 +34,10 @@ def convert_upstream(ckpt: dict, source: str) -> tuple[ModelConfig, dict, dict]:
     up_cfg = ckpt.get("model_config") or {}
     arch = up_cfg.get("arch_variant", "baseline")
     if arch not in KEY_MAP:
-        raise UserError(f"{source}: upstream checkpoints with arch_variant={arch!r} cannot be imported "
-                        f"(supported: {', '.join(KEY_MAP)})")
+        raise UserError(
+            f"{source}: upstream checkpoints with arch_variant={arch!r} cannot be imported "
+            f"(supported: {', '.join(KEY_MAP)})"
+        )
     head = up_cfg.get("head_variant", "auto")
     head = UPSTREAM_AUTO_HEAD[arch] if head == "auto" else head
     if head != "avg":
@@ -46,11 +48,18 @@ def convert_upstream(ckpt: dict, source: str) -> tuple[ModelConfig, dict, dict]:
     if not image_size:
         raise UserError(f"{source}: upstream checkpoint records no image_size")
     cfg = ModelConfig(
-        arch_variant=arch, base_channels=int(up_cfg["base_channels"]), num_blocks=int(up_cfg["num_blocks"]),
-        head_variant=head, dropout=float(up_cfg.get("dropout", 0.3)), margin_method="none",
-        image_size=tuple(image_size), mean=tuple(norm.get("mean", (0.0, 0.0, 0.0))),
+        arch_variant=arch,
+        base_channels=int(up_cfg["base_channels"]),
+        num_blocks=int(up_cfg["num_blocks"]),
+        head_variant=head,
+        dropout=float(up_cfg.get("dropout", 0.3)),
+        margin_method="none",
+        image_size=tuple(image_size),
+        mean=tuple(norm.get("mean", (0.0, 0.0, 0.0))),
         std=tuple(norm.get("std", (1.0, 1.0, 1.0))),
-        expansion=int(up_cfg.get("expansion", 4)), se_reduction=int(up_cfg.get("se_reduction", 8)))
+        expansion=int(up_cfg.get("expansion", 4)),
+        se_reduction=int(up_cfg.get("se_reduction", 8)),
+    )
     state = {}
     unmapped = []
     for name, tensor in ckpt["model_state"].items():
@@ -60,8 +69,10 @@ def convert_upstream(ckpt: dict, source: str) -> tuple[ModelConfig, dict, dict]:
         else:
             state[new] = tensor
     if unmapped:
-        raise UserError(f"{source}: upstream tensors with no mapping: {', '.join(unmapped[:5])}"
-                        + (f" (+{len(unmapped) - 5} more)" if len(unmapped) > 5 else ""))
+        raise UserError(
+            f"{source}: upstream tensors with no mapping: {', '.join(unmapped[:5])}"
+            + (f" (+{len(unmapped) - 5} more)" if len(unmapped) > 5 else "")
+        )
     metrics = dict(ckpt.get("val_metrics") or {})
     if "best_f1" in ckpt and "f1" not in metrics:
         metrics["f1"] = ckpt["best_f1"]

@@ -19,8 +19,24 @@ from ocec.synth import write_synthetic
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # Small enough that a 2-epoch run takes about a second on 2 CPU cores.
-TINY = ["--image_size", "16x32", "--base_channels", "8", "--num_blocks", "2", "--batch_size", "32",
-        "--num_workers", "0", "--warmup_epochs", "0", "--device", "cpu", "--lr", "3e-3"]
+TINY = [
+    "--image_size",
+    "16x32",
+    "--base_channels",
+    "8",
+    "--num_blocks",
+    "2",
+    "--batch_size",
+    "32",
+    "--num_workers",
+    "0",
+    "--warmup_epochs",
+    "0",
+    "--device",
+    "cpu",
+    "--lr",
+    "3e-3",
+]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -51,8 +67,14 @@ def ocec(capsys):
 
 
 def run_subprocess(*args, timeout=240, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ocec", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "ocec", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        **kwargs,
+    )
 
 
 def only_run(output_dir: Path) -> Path:
@@ -97,5 +119,16 @@ def trained_run(tmp_path_factory, data_a) -> Path:
 @pytest.fixture(scope="session")
 def bce_run(tmp_path_factory, data_a) -> Path:
     """A 3-epoch tiny run with --margin_method none (a one-logit BCE model, like the upstream trainer's)."""
-    return train_once(tmp_path_factory, "trained_bce", "--data_root", data_a, "--epochs", 3, "--margin_method",
-                      "none", *TINY, "--batch_size", 8)
+    return train_once(
+        tmp_path_factory,
+        "trained_bce",
+        "--data_root",
+        data_a,
+        "--epochs",
+        3,
+        "--margin_method",
+        "none",
+        *TINY,
+        "--batch_size",
+        8,
+    )

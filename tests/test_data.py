@@ -63,8 +63,10 @@ def test_labels_aliases_and_class_id_wins(tmp_path):
     assert read_table(tmp_path / "both.parquet").labels.tolist() == class_id
     # label only, with aliases 'open'/'closed'/'1'/'0'
     aliases = ["open", "closed", "1", "0"] * 3
-    pq.write_table(table.drop_columns(["class_id"]).set_column(
-        table.schema.get_field_index("label"), "label", pa.array(aliases)), tmp_path / "label_only.parquet")
+    pq.write_table(
+        table.drop_columns(["class_id"]).set_column(table.schema.get_field_index("label"), "label", pa.array(aliases)),
+        tmp_path / "label_only.parquet",
+    )
     assert read_table(tmp_path / "label_only.parquet").labels.tolist() == [1, 0, 1, 0] * 3
 
 
@@ -140,7 +142,7 @@ def test_a_corrupted_cache_is_detected_and_rebuilt(tmp_path, caplog):
     (path,) = cache.glob("decoded-*.npz")
     raw = bytearray(path.read_bytes())
     middle = len(raw) // 2
-    raw[middle:middle + 64] = bytes(64)  # flip bytes inside the image array
+    raw[middle : middle + 64] = bytes(64)  # flip bytes inside the image array
     path.write_bytes(bytes(raw))
     assert torch.equal(_all_images(_load(tmp_path / "d", cache)), clean)
     assert "damaged" in caplog.text

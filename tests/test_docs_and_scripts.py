@@ -63,15 +63,26 @@ def test_script_variables_in_the_docs_exist(doc):
 
 
 def _script(env: dict, *args, timeout=240) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHON": sys.executable, **{k: str(v) for k, v in env.items()}})
+    return subprocess.run(
+        ["bash", str(SCRIPT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHON": sys.executable, **{k: str(v) for k, v in env.items()}},
+    )
 
 
 def test_script_glob_resolves_to_the_best_f1_not_the_newest(tmp_path, data_b):
     folder = tmp_path / "v8"
     folder.mkdir()
-    for i, name in enumerate(["ocec_best_epoch0041_f1_0.9851.pt", "ocec_best_epoch0007_f1_0.9900.pt",
-                              "ocec_best_epoch0099_f1_0.9860.pt", "ocec_epoch_0100.pt"]):
+    for i, name in enumerate(
+        [
+            "ocec_best_epoch0041_f1_0.9851.pt",
+            "ocec_best_epoch0007_f1_0.9900.pt",
+            "ocec_best_epoch0099_f1_0.9860.pt",
+            "ocec_epoch_0100.pt",
+        ]
+    ):
         (folder / name).write_bytes(b"x")
         os.utime(folder / name, (1_000_000 + i, 1_000_000 + i))  # the last ones are the newest
     result = _script({"PRETRAIN_MODEL": f"{folder}/ocec_best_epoch*.pt", "DATA_ROOT_B": data_b, "DRY_RUN": 1})
@@ -86,19 +97,39 @@ def test_script_reports_a_missing_checkpoint(tmp_path, data_b):
 
 
 def test_script_runs_a_fine_tune_with_overrides_and_extra_flags(tmp_path, trained_run, data_b):
-    env = {"PRETRAIN_MODEL": trained_run, "DATA_ROOT_B": data_b, "OUTPUT_DIR": tmp_path / "out", "EPOCHS": 1,
-           "BATCH_SIZE": 32, "NUM_WORKERS": 0, "DEVICE": "cpu", "LR": "3e-4", "BACKBONE_LR": "1e-4"}
+    env = {
+        "PRETRAIN_MODEL": trained_run,
+        "DATA_ROOT_B": data_b,
+        "OUTPUT_DIR": tmp_path / "out",
+        "EPOCHS": 1,
+        "BATCH_SIZE": 32,
+        "NUM_WORKERS": 0,
+        "DEVICE": "cpu",
+        "LR": "3e-4",
+        "BACKBONE_LR": "1e-4",
+    }
     result = _script(env, "--keep_last", 1, "--augment", "light")
     assert result.returncode == 0, result.stderr
-    assert "== fine-tune configuration" in result.stdout and "extra flags     : --keep_last 1 --augment light" in result.stdout
+    assert (
+        "== fine-tune configuration" in result.stdout
+        and "extra flags     : --keep_last 1 --augment light" in result.stdout
+    )
     config = json.loads((only_run(tmp_path / "out") / "config.json").read_text())["train"]
     assert (config["lr"], config["backbone_lr"], config["keep_last"], config["augment"]) == (3e-4, 1e-4, 1, "light")
     assert config["pretrain"] == [str(trained_run)]
 
 
 def test_script_background_mode_writes_a_timestamped_log(tmp_path, trained_run, data_b):
-    env = {"PRETRAIN_MODEL": trained_run, "DATA_ROOT_B": data_b, "OUTPUT_DIR": tmp_path / "out", "EPOCHS": 1,
-           "BATCH_SIZE": 32, "NUM_WORKERS": 0, "DEVICE": "cpu", "BACKGROUND": 1}
+    env = {
+        "PRETRAIN_MODEL": trained_run,
+        "DATA_ROOT_B": data_b,
+        "OUTPUT_DIR": tmp_path / "out",
+        "EPOCHS": 1,
+        "BATCH_SIZE": 32,
+        "NUM_WORKERS": 0,
+        "DEVICE": "cpu",
+        "BACKGROUND": 1,
+    }
     result = _script(env)
     assert result.returncode == 0, result.stderr
     log = Path(re.search(r"log: (\S+)", result.stdout).group(1))
@@ -112,8 +143,9 @@ def test_script_background_mode_writes_a_timestamped_log(tmp_path, trained_run, 
 
 
 def test_demo_runs_end_to_end_and_prints_the_table(ocec, tmp_path):
-    result = ocec("demo", "--out", tmp_path, "--rows_a", 240, "--rows_b", 160, "--epochs_a", 1, "--epochs_b", 1,
-                  "--device", "cpu")
+    result = ocec(
+        "demo", "--out", tmp_path, "--rows_a", 240, "--rows_b", 160, "--epochs_a", 1, "--epochs_b", 1, "--device", "cpu"
+    )
     assert result.code == 0, result.err
     for row in ("model A (on A)", "B from scratch", "B fine-tuned from A"):
         assert re.search(rf"{re.escape(row)}\s+(\d\.\d{{4}}|n/a)\s", result.out), row
@@ -128,6 +160,7 @@ def test_synth_command_writes_shards_without_split(ocec, tmp_path):
     result = ocec("synth", "--out", tmp_path, "--rows", 30, "--shards", 3, "--no_split", "--style", "b")
     assert result.code == 0, result.err
     import pyarrow.parquet as pq
+
     tables = [pq.read_table(p) for p in sorted(tmp_path.glob("part-*.parquet"))]
     assert len(tables) == 3 and sum(t.num_rows for t in tables) == 30
     assert "split" not in tables[0].column_names and set(tables[0].column("label").to_pylist()) <= {"open", "closed"}

@@ -10,8 +10,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, precision_score, recall_score,
-                             roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 from conftest import FIXTURES, TINY, only_run
 from ocec.checkpoint import choose_best
@@ -57,8 +63,9 @@ def test_single_class_metrics_are_undefined_not_errors():
 
 def test_eval_cli_matches_a_direct_computation_and_sources_add_up(ocec, trained_run, data_a, tmp_path):
     out = tmp_path / "eval.json"
-    result = ocec("eval", "--checkpoint", trained_run, "--data_root", data_a, "--split", "all", "--json", out,
-                  "--device", "cpu")
+    result = ocec(
+        "eval", "--checkpoint", trained_run, "--data_root", data_a, "--split", "all", "--json", out, "--device", "cpu"
+    )
     assert result.code == 0, result.err
     report = json.loads(out.read_text())
     assert "overall" in result.out and "confusion matrix" in result.out
@@ -75,13 +82,24 @@ def test_eval_cli_matches_a_direct_computation_and_sources_add_up(ocec, trained_
     assert len(per_source) > 5
     assert sum(r["samples"] for r in per_source.values()) == 240
     for key in ("tp", "fp", "tn", "fn"):
-        assert sum(r["confusion_matrix"][key] for r in per_source.values()) == report["overall"]["confusion_matrix"][key]
+        assert (
+            sum(r["confusion_matrix"][key] for r in per_source.values()) == report["overall"]["confusion_matrix"][key]
+        )
 
 
 def test_eval_of_the_upstream_checkpoint(ocec, tmp_path):
     write_synthetic(tmp_path / "d", 60, seed=0, style="a")
-    result = ocec("eval", "--checkpoint", FIXTURES / "upstream_baseline.pt", "--data_root", tmp_path / "d",
-                  "--split", "all", "--device", "cpu")
+    result = ocec(
+        "eval",
+        "--checkpoint",
+        FIXTURES / "upstream_baseline.pt",
+        "--data_root",
+        tmp_path / "d",
+        "--split",
+        "all",
+        "--device",
+        "cpu",
+    )
     assert result.code == 0, result.err
     assert "(upstream)" in result.out
 
@@ -89,8 +107,17 @@ def test_eval_of_the_upstream_checkpoint(ocec, tmp_path):
 def test_predict_csv_matches_eval_on_the_same_images(ocec, trained_run, tmp_path):
     write_synthetic(tmp_path / "d", 60, seed=9, style="a", embed_bytes=False)
     csv_path = tmp_path / "preds.csv"
-    result = ocec("predict", "--checkpoint", trained_run, "--inputs", tmp_path / "d" / "images",
-                  "--output", csv_path, "--device", "cpu")
+    result = ocec(
+        "predict",
+        "--checkpoint",
+        trained_run,
+        "--inputs",
+        tmp_path / "d" / "images",
+        "--output",
+        csv_path,
+        "--device",
+        "cpu",
+    )
     assert result.code == 0, result.err
     rows = list(csv.DictReader(csv_path.open()))
     assert len(rows) == 60 and set(rows[0]) == {"path", "prob_open", "label"}
@@ -100,8 +127,22 @@ def test_predict_csv_matches_eval_on_the_same_images(ocec, trained_run, tmp_path
     preds = np.array([r["label"] == "open" for r in rows])
     assert all((float(r["prob_open"]) >= 0.5) == (r["label"] == "open") for r in rows)
     out = tmp_path / "eval.json"
-    assert ocec("eval", "--checkpoint", trained_run, "--data_root", tmp_path / "d", "--split", "all",
-                "--json", out, "--device", "cpu").code == 0
+    assert (
+        ocec(
+            "eval",
+            "--checkpoint",
+            trained_run,
+            "--data_root",
+            tmp_path / "d",
+            "--split",
+            "all",
+            "--json",
+            out,
+            "--device",
+            "cpu",
+        ).code
+        == 0
+    )
     assert json.loads(out.read_text())["overall"]["f1"] == pytest.approx(f1_score(labels, preds))
 
 
@@ -116,34 +157,59 @@ def test_predict_skips_unreadable_files_with_a_warning(ocec, trained_run, tmp_pa
 def test_compare_reads_runs_evaluates_them_and_plots(ocec, trained_run, bce_run, data_b, tmp_path):
     plot = tmp_path / "curves.png"
     table = tmp_path / "compare.json"
-    result = ocec("compare", trained_run, bce_run, FIXTURES / "upstream_baseline.pt", "--device", "cpu",
-                  "--plot", plot, "--json", table)
+    result = ocec(
+        "compare",
+        trained_run,
+        bce_run,
+        FIXTURES / "upstream_baseline.pt",
+        "--device",
+        "cpu",
+        "--plot",
+        plot,
+        "--json",
+        table,
+    )
     assert result.code == 0, result.err
     assert plot.read_bytes()[:8] == PNG_MAGIC and "(8 lines)" in result.out  # 2 runs x (F1, 2 losses, LR)
     rows = json.loads(table.read_text())
     summary = json.loads((trained_run / "summary.json").read_text())
     assert rows[0]["best_val_f1"] == pytest.approx(summary["best_f1"]) and rows[0]["epochs"] == 3
     assert rows[2]["best_val_f1"] == pytest.approx(0.8759, abs=1e-4)  # the upstream checkpoint's recorded F1
-    result = ocec("compare", trained_run, bce_run, "--data_root", data_b, "--split", "all", "--device", "cpu",
-                  "--json", table)
+    result = ocec(
+        "compare", trained_run, bce_run, "--data_root", data_b, "--split", "all", "--device", "cpu", "--json", table
+    )
     assert result.code == 0, result.err
     rows = json.loads(table.read_text())
-    direct = ocec("eval", "--checkpoint", summary["best_checkpoint"], "--data_root", data_b, "--split", "all",
-                  "--device", "cpu", "--json", tmp_path / "e.json")
+    direct = ocec(
+        "eval",
+        "--checkpoint",
+        summary["best_checkpoint"],
+        "--data_root",
+        data_b,
+        "--split",
+        "all",
+        "--device",
+        "cpu",
+        "--json",
+        tmp_path / "e.json",
+    )
     assert direct.code == 0
     assert rows[0]["data_f1"] == pytest.approx(json.loads((tmp_path / "e.json").read_text())["overall"]["f1"])
     assert "F1 on data" in result.out
 
 
 def test_plot_draws_the_expected_lines(tmp_path):
-    hist = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_f1": 0.5 + e / 10, "lr_backbone": 1e-3}
-            for e in range(1, 4)]
+    hist = [
+        {"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_f1": 0.5 + e / 10, "lr_backbone": 1e-3}
+        for e in range(1, 4)
+    ]
     no_val = [{k: v for k, v in r.items() if not k.startswith("val")} for r in hist]
     path, lines = plot_runs([("a", hist), ("b", no_val)], tmp_path / "p.png")
     assert lines == 4 + 2
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC
     from PIL import Image
+
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] > 600 and image.size[1] > 200
 
@@ -155,7 +221,9 @@ def test_onnx_export_matches_pytorch(ocec, trained_run, tmp_path):
     assert result.code == 0, result.err
     assert "Conv+BatchNorm folded" in result.out and "max |difference|" in result.out
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["images"] and [o.name for o in session.get_outputs()] == ["prob_open"]
+    assert [i.name for i in session.get_inputs()] == ["images"] and [o.name for o in session.get_outputs()] == [
+        "prob_open"
+    ]
     snap, _ = choose_best([str(trained_run)])
     model, _ = load_for_inference([str(trained_run)], torch.device("cpu"))
     for n in (1, 7):  # dynamic batch
@@ -169,8 +237,18 @@ def test_onnx_export_matches_pytorch(ocec, trained_run, tmp_path):
 def test_diagnostics_and_tensorboard_outputs(ocec, data_a, tmp_path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("tensorboard")
-    result = ocec("train", "--data_root", data_a, "--output_dir", tmp_path, "--epochs", 2, *TINY,
-                  "--save_diagnostics", "--tensorboard")
+    result = ocec(
+        "train",
+        "--data_root",
+        data_a,
+        "--output_dir",
+        tmp_path,
+        "--epochs",
+        2,
+        *TINY,
+        "--save_diagnostics",
+        "--tensorboard",
+    )
     assert result.code == 0, result.err
     run = only_run(tmp_path)
     pngs = sorted(p.name for p in (run / "diagnostics").iterdir())
@@ -179,6 +257,7 @@ def test_diagnostics_and_tensorboard_outputs(ocec, data_a, tmp_path):
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and "tensorboard --logdir" in result.out
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     tags = acc.Tags()["scalars"]

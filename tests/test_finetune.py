@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import FIXTURES, TINY, history, only_run
+from conftest import FIXTURES, history, only_run
 from ocec.checkpoint import choose_best, load_pretrained, read_snapshot
 from ocec.config import ModelConfig
 from ocec.model import build_model
@@ -29,8 +29,11 @@ def candidates(trained_run, tmp_path):
     folder = tmp_path / "cands"
     folder.mkdir()
     base = torch.load(trained_run / "ocec_epoch_0002.pt", weights_only=True)
-    for epoch, f1, name in [(1, 0.5, "ocec_best_epoch0001_f1_0.5000.pt"), (2, 0.9, "ocec_best_epoch0002_f1_0.9000.pt"),
-                            (3, 0.7, "ocec_epoch_0003.pt")]:
+    for epoch, f1, name in [
+        (1, 0.5, "ocec_best_epoch0001_f1_0.5000.pt"),
+        (2, 0.9, "ocec_best_epoch0002_f1_0.9000.pt"),
+        (3, 0.7, "ocec_epoch_0003.pt"),
+    ]:
         torch.save({**base, "epoch": epoch, "score": f1, "metrics": {"val": {"f1": f1}}}, folder / name)
     return folder
 
@@ -38,16 +41,18 @@ def candidates(trained_run, tmp_path):
 @pytest.mark.parametrize("form", ["folder", "files", "glob"])
 def test_pretrain_picks_the_highest_f1_candidate(ocec, data_a, candidates, tmp_path, form):
     args = {"folder": [candidates], "files": sorted(candidates.iterdir()), "glob": [candidates / "ocec_*.pt"]}[form]
-    result = ocec("train", "--data_root", data_a, "--output_dir", tmp_path / "r", "--epochs", 1, *TRAIN_ONLY,
-                  "--pretrain", *args)
+    result = ocec(
+        "train", "--data_root", data_a, "--output_dir", tmp_path / "r", "--epochs", 1, *TRAIN_ONLY, "--pretrain", *args
+    )
     assert result.code == 0, result.err
     assert _chosen(only_run(tmp_path / "r")).endswith("ocec_best_epoch0002_f1_0.9000.pt")
     assert "highest F1 0.9000 among 3 candidates" in result.out
 
 
 def test_pretrain_starts_a_fresh_run_with_the_checkpoint_architecture(ocec, data_a, trained_run, tmp_path):
-    result = ocec("train", "--data_root", data_a, "--output_dir", tmp_path, "--epochs", 1, *TRAIN_ONLY,
-                  "--pretrain", trained_run)
+    result = ocec(
+        "train", "--data_root", data_a, "--output_dir", tmp_path, "--epochs", 1, *TRAIN_ONLY, "--pretrain", trained_run
+    )
     assert result.code == 0, result.err
     run = only_run(tmp_path)
     model = json.loads((run / "config.json").read_text())["model"]
@@ -57,14 +62,34 @@ def test_pretrain_starts_a_fresh_run_with_the_checkpoint_architecture(ocec, data
 
 
 def test_structural_mismatches_are_listed_and_stop_before_training(ocec, data_a, trained_run, tmp_path):
-    result = ocec("train", "--data_root", data_a, "--output_dir", tmp_path, "--pretrain", trained_run,
-                  "--base_channels", 16, "--num_blocks", 2, "--image_size", "24x48", "--arch_variant", "convnext",
-                  "--margin_m", 0.5)
+    result = ocec(
+        "train",
+        "--data_root",
+        data_a,
+        "--output_dir",
+        tmp_path,
+        "--pretrain",
+        trained_run,
+        "--base_channels",
+        16,
+        "--num_blocks",
+        2,
+        "--image_size",
+        "24x48",
+        "--arch_variant",
+        "convnext",
+        "--margin_m",
+        0.5,
+    )
     assert result.code == 2
     err = result.err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    for expected in ("base_channels: checkpoint=8, given=16", "image_size: checkpoint=16x32, given=24x48",
-                     "arch_variant: checkpoint=baseline, given=convnext", "margin_m: checkpoint=0.35, given=0.5"):
+    for expected in (
+        "base_channels: checkpoint=8, given=16",
+        "image_size: checkpoint=16x32, given=24x48",
+        "arch_variant: checkpoint=baseline, given=convnext",
+        "margin_m: checkpoint=0.35, given=0.5",
+    ):
         assert expected in err
     assert "num_blocks" not in err  # typed, but equal
     assert not list(tmp_path.glob("v*"))
@@ -81,7 +106,10 @@ def test_margin_method_change_reinitialises_only_the_margin_head(bce_run, traine
         else:
             assert torch.equal(state[name], tensor), name
     assert state["margin_head.weight"].shape == (2, model.head.out_features)
-    assert report.reinitialised == {"margin_head": 1} and report.ignored == ["margin_head.fc.bias", "margin_head.fc.weight"]
+    assert report.reinitialised == {"margin_head": 1} and report.ignored == [
+        "margin_head.fc.bias",
+        "margin_head.fc.weight",
+    ]
     assert "margin method none -> cosface" in report.line() and "old classifier's direction" in report.line()
     # cosface -> arcface: same shapes, yet the margin head is re-initialised (and only it)
     cos = read_snapshot(trained_run / "ocec_epoch_0002.pt")
@@ -103,8 +131,19 @@ def test_reinit_head_reinitialises_head_and_margin_head(trained_run):
 
 
 def test_freeze_backbone_keeps_weights_and_bn_statistics_while_the_head_learns(ocec, data_a, trained_run, tmp_path):
-    result = ocec("train", "--data_root", data_a, "--output_dir", tmp_path, "--epochs", 1, *TRAIN_ONLY,
-                  "--pretrain", trained_run / "ocec_epoch_0002.pt", "--freeze_backbone")
+    result = ocec(
+        "train",
+        "--data_root",
+        data_a,
+        "--output_dir",
+        tmp_path,
+        "--epochs",
+        1,
+        *TRAIN_ONLY,
+        "--pretrain",
+        trained_run / "ocec_epoch_0002.pt",
+        "--freeze_backbone",
+    )
     assert result.code == 0, result.err
     assert "0/3 backbone units trainable" in result.out
     before = torch.load(trained_run / "ocec_epoch_0002.pt", weights_only=True)["model_state"]
@@ -118,8 +157,22 @@ def test_freeze_backbone_keeps_weights_and_bn_statistics_while_the_head_learns(o
 
 
 def test_unfreezing_at_epoch_e_changes_exactly_the_chosen_units(ocec, data_a, trained_run, tmp_path):
-    result = ocec("train", "--data_root", data_a, "--output_dir", tmp_path, "--epochs", 2, *TRAIN_ONLY,
-                  "--pretrain", trained_run, "--stages", "1:0,2:0.3:5e-4", "--stage_warmup_epochs", 0.5)
+    result = ocec(
+        "train",
+        "--data_root",
+        data_a,
+        "--output_dir",
+        tmp_path,
+        "--epochs",
+        2,
+        *TRAIN_ONLY,
+        "--pretrain",
+        trained_run,
+        "--stages",
+        "1:0,2:0.3:5e-4",
+        "--stage_warmup_epochs",
+        0.5,
+    )
     assert result.code == 0, result.err
     assert "stage from epoch 2: 1/3 backbone units trainable (features.1)" in result.out
     run = only_run(tmp_path)
@@ -134,18 +187,51 @@ def test_unfreezing_at_epoch_e_changes_exactly_the_chosen_units(ocec, data_a, tr
 
 
 def test_unfreeze_flags_schedule_the_backbone(ocec, data_a, trained_run, tmp_path):
-    result = ocec("train", "--data_root", data_a, "--output_dir", tmp_path, "--epochs", 2, *TRAIN_ONLY,
-                  "--pretrain", trained_run, "--freeze_backbone", "--unfreeze_backbone_epoch", 2,
-                  "--unfreeze_ratio", 1.0, "--stage2_lr", 2e-4)
+    result = ocec(
+        "train",
+        "--data_root",
+        data_a,
+        "--output_dir",
+        tmp_path,
+        "--epochs",
+        2,
+        *TRAIN_ONLY,
+        "--pretrain",
+        trained_run,
+        "--freeze_backbone",
+        "--unfreeze_backbone_epoch",
+        2,
+        "--unfreeze_ratio",
+        1.0,
+        "--stage2_lr",
+        2e-4,
+    )
     assert result.code == 0, result.err
     assert [r["trainable_backbone_units"] for r in history(only_run(tmp_path))] == [0, 3]
     assert "3/3 backbone units trainable (stem, features.0, features.1), backbone lr 2.00e-04" in result.out
 
 
 def test_per_group_learning_rates_after_warmup(ocec, data_a, trained_run, tmp_path):
-    result = ocec("train", "--data_root", data_a, "--output_dir", tmp_path, "--epochs", 2, *TRAIN_ONLY,
-                  "--pretrain", trained_run, "--warmup_epochs", 2, "--backbone_lr", 1e-4, "--head_lr", 5e-4,
-                  "--margin_lr", 1e-3)
+    result = ocec(
+        "train",
+        "--data_root",
+        data_a,
+        "--output_dir",
+        tmp_path,
+        "--epochs",
+        2,
+        *TRAIN_ONLY,
+        "--pretrain",
+        trained_run,
+        "--warmup_epochs",
+        2,
+        "--backbone_lr",
+        1e-4,
+        "--head_lr",
+        5e-4,
+        "--margin_lr",
+        1e-3,
+    )
     assert result.code == 0, result.err
     rows = history(only_run(tmp_path))
     assert rows[0]["lr_head"] < 5e-4  # still warming up during epoch 1
@@ -154,8 +240,24 @@ def test_per_group_learning_rates_after_warmup(ocec, data_a, trained_run, tmp_pa
 
 
 def test_mixing_and_extra_validation_are_logged(ocec, data_a, data_b, trained_run, tmp_path):
-    result = ocec("train", "--data_root", data_b, "--output_dir", tmp_path, "--epochs", 1, *TRAIN_ONLY,
-                  "--pretrain", trained_run, "--mix_data_root", data_a, "--mix_ratio", 0.3, "--extra_val_root", data_a)
+    result = ocec(
+        "train",
+        "--data_root",
+        data_b,
+        "--output_dir",
+        tmp_path,
+        "--epochs",
+        1,
+        *TRAIN_ONLY,
+        "--pretrain",
+        trained_run,
+        "--mix_data_root",
+        data_a,
+        "--mix_ratio",
+        0.3,
+        "--extra_val_root",
+        data_a,
+    )
     assert result.code == 0, result.err
     row = history(only_run(tmp_path))[0]
     assert 0.0 <= row["extra_val_f1"] <= 1.0 and "extra_val_loss" in row
@@ -167,8 +269,20 @@ def test_mixing_and_extra_validation_are_logged(ocec, data_a, data_b, trained_ru
 
 def test_upstream_checkpoint_fine_tunes_with_a_new_cosface_head(ocec, tmp_path):
     write_synthetic(tmp_path / "b", 120, seed=0, style="b")
-    result = ocec("train", "--data_root", tmp_path / "b", "--output_dir", tmp_path / "r", "--epochs", 1,
-                  *TRAIN_ONLY, "--pretrain", FIXTURES / "upstream_baseline.pt", "--margin_method", "cosface")
+    result = ocec(
+        "train",
+        "--data_root",
+        tmp_path / "b",
+        "--output_dir",
+        tmp_path / "r",
+        "--epochs",
+        1,
+        *TRAIN_ONLY,
+        "--pretrain",
+        FIXTURES / "upstream_baseline.pt",
+        "--margin_method",
+        "cosface",
+    )
     assert result.code == 0, result.err
     assert "backbone 54, head 5, margin_head 0" in result.out and "margin method none -> cosface" in result.out
     model = json.loads((only_run(tmp_path / "r") / "config.json").read_text())["model"]
@@ -177,8 +291,18 @@ def test_upstream_checkpoint_fine_tunes_with_a_new_cosface_head(ocec, tmp_path):
 
 def test_upstream_checkpoint_keeps_its_one_logit_classifier_by_default(ocec, tmp_path):
     write_synthetic(tmp_path / "b", 80, seed=0, style="b")
-    result = ocec("train", "--data_root", tmp_path / "b", "--output_dir", tmp_path / "r", "--epochs", 1,
-                  *TRAIN_ONLY, "--pretrain", FIXTURES / "upstream_baseline.pt")
+    result = ocec(
+        "train",
+        "--data_root",
+        tmp_path / "b",
+        "--output_dir",
+        tmp_path / "r",
+        "--epochs",
+        1,
+        *TRAIN_ONLY,
+        "--pretrain",
+        FIXTURES / "upstream_baseline.pt",
+    )
     assert result.code == 0, result.err
     assert "backbone 54, head 5, margin_head 2; re-initialised: none; ignored: 0" in result.out
 
@@ -188,14 +312,53 @@ def test_fine_tuning_beats_training_from_scratch_on_shifted_data(ocec, tmp_path)
     from a model trained on style a must beat starting from scratch by a clear margin."""
     write_synthetic(tmp_path / "a", 1200, seed=11, style="a")
     write_synthetic(tmp_path / "b", 500, seed=20, style="b")
-    common = ["--image_size", "24x48", "--base_channels", 8, "--num_blocks", 4, "--batch_size", 32,
-              "--num_workers", 0, "--device", "cpu", "--warmup_epochs", 0.5, "--seed", 42]
-    assert ocec("train", "--data_root", tmp_path / "a", "--output_dir", tmp_path / "A", "--epochs", 4,
-                "--lr", 3e-3, *common).code == 0
-    assert ocec("train", "--data_root", tmp_path / "b", "--output_dir", tmp_path / "S", "--epochs", 4,
-                "--lr", 3e-3, *common).code == 0
-    assert ocec("train", "--data_root", tmp_path / "b", "--output_dir", tmp_path / "F", "--epochs", 4,
-                "--lr", 1.5e-3, "--pretrain", only_run(tmp_path / "A"), *common).code == 0
+    common = [
+        "--image_size",
+        "24x48",
+        "--base_channels",
+        8,
+        "--num_blocks",
+        4,
+        "--batch_size",
+        32,
+        "--num_workers",
+        0,
+        "--device",
+        "cpu",
+        "--warmup_epochs",
+        0.5,
+        "--seed",
+        42,
+    ]
+    assert (
+        ocec(
+            "train", "--data_root", tmp_path / "a", "--output_dir", tmp_path / "A", "--epochs", 4, "--lr", 3e-3, *common
+        ).code
+        == 0
+    )
+    assert (
+        ocec(
+            "train", "--data_root", tmp_path / "b", "--output_dir", tmp_path / "S", "--epochs", 4, "--lr", 3e-3, *common
+        ).code
+        == 0
+    )
+    assert (
+        ocec(
+            "train",
+            "--data_root",
+            tmp_path / "b",
+            "--output_dir",
+            tmp_path / "F",
+            "--epochs",
+            4,
+            "--lr",
+            1.5e-3,
+            "--pretrain",
+            only_run(tmp_path / "A"),
+            *common,
+        ).code
+        == 0
+    )
     best = lambda d: json.loads((only_run(d) / "summary.json").read_text())["best_f1"]
     scratch, finetuned = best(tmp_path / "S"), best(tmp_path / "F")
     assert finetuned >= scratch + 0.1, (scratch, finetuned)
@@ -203,8 +366,21 @@ def test_fine_tuning_beats_training_from_scratch_on_shifted_data(ocec, tmp_path)
 
 
 def test_resume_of_a_fine_tune_keeps_its_pretrain_record(ocec, data_a, trained_run, tmp_path):
-    assert ocec("train", "--data_root", data_a, "--output_dir", tmp_path, "--epochs", 1, *TRAIN_ONLY,
-                "--pretrain", trained_run).code == 0
+    assert (
+        ocec(
+            "train",
+            "--data_root",
+            data_a,
+            "--output_dir",
+            tmp_path,
+            "--epochs",
+            1,
+            *TRAIN_ONLY,
+            "--pretrain",
+            trained_run,
+        ).code
+        == 0
+    )
     run = only_run(tmp_path)
     result = ocec("train", "--resume", run, "--epochs", 2)
     assert result.code == 0, result.err
@@ -222,8 +398,9 @@ def test_safetensors_round_trip_through_pretrain(ocec, data_a, trained_run, tmp_
     assert snap.model_config == best.model_config and snap.score == pytest.approx(best.score)
     assert snap.state.keys() == best.state.keys()
     assert all(torch.equal(snap.state[k], best.state[k]) for k in best.state)
-    result = ocec("train", "--data_root", data_a, "--output_dir", tmp_path / "r", "--epochs", 1, *TRAIN_ONLY,
-                  "--pretrain", out)
+    result = ocec(
+        "train", "--data_root", data_a, "--output_dir", tmp_path / "r", "--epochs", 1, *TRAIN_ONLY, "--pretrain", out
+    )
     assert result.code == 0, result.err
     assert "re-initialised: none" in result.out
 
@@ -231,6 +408,7 @@ def test_safetensors_round_trip_through_pretrain(ocec, data_a, trained_run, tmp_
 def test_copied_run_folder_is_accepted_as_pretrain(ocec, data_a, trained_run, tmp_path):
     copy = tmp_path / "copied"
     shutil.copytree(trained_run, copy)
-    result = ocec("train", "--data_root", data_a, "--output_dir", tmp_path / "r", "--epochs", 1, *TRAIN_ONLY,
-                  "--pretrain", copy)
+    result = ocec(
+        "train", "--data_root", data_a, "--output_dir", tmp_path / "r", "--epochs", 1, *TRAIN_ONLY, "--pretrain", copy
+    )
     assert result.code == 0 and "among" in result.out

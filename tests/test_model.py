@@ -25,12 +25,20 @@ def _separable_batch(n=32, size=(16, 32)):
     return x, labels
 
 
-@pytest.mark.parametrize("arch,head,margin", list(itertools.product(ARCH_VARIANTS, ("avg", "avgmax_mlp"),
-                                                                     ("none", "cosface", "arcface"))))
+@pytest.mark.parametrize(
+    "arch,head,margin", list(itertools.product(ARCH_VARIANTS, ("avg", "avgmax_mlp"), ("none", "cosface", "arcface")))
+)
 def test_every_combination_trains_and_its_loss_goes_down(arch, head, margin):
     torch.manual_seed(0)
-    cfg = ModelConfig(arch_variant=arch, head_variant=head, margin_method=margin, base_channels=8, num_blocks=3,
-                      image_size=(16, 32), margin_m=0.2)
+    cfg = ModelConfig(
+        arch_variant=arch,
+        head_variant=head,
+        margin_method=margin,
+        base_channels=8,
+        num_blocks=3,
+        image_size=(16, 32),
+        margin_m=0.2,
+    )
     model = build_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x, y = _separable_batch()
@@ -113,6 +121,7 @@ def test_upstream_checkpoint_reproduces_the_golden_logits():
 
 
 # --- augmentation ----------------------------------------------------------------------------
+
 
 def test_augmentation_keeps_shape_dtype_and_range():
     x = torch.rand(16, 3, 16, 32)

@@ -8,8 +8,14 @@ import torch
 from ocec.config import ModelConfig, Stage, TrainConfig, parse_stages
 from ocec.errors import UserError
 from ocec.model import build_model
-from ocec.optim import (LRSchedule, active_stage, build_optimizer, freeze_batchnorm_statistics,
-                        set_backbone_fraction, trainable_units)
+from ocec.optim import (
+    LRSchedule,
+    active_stage,
+    build_optimizer,
+    freeze_batchnorm_statistics,
+    set_backbone_fraction,
+    trainable_units,
+)
 
 LRS = {"backbone": 1e-4, "head": 1e-3, "margin_head": 2e-3}
 
@@ -108,9 +114,18 @@ def test_set_backbone_fraction_and_frozen_batchnorm():
 
 def test_parse_stages_and_errors():
     assert parse_stages("1:0:1e-4, 11:0.5:3e-5,1000:0.75") == [
-        Stage(1, 0.0, 1e-4), Stage(11, 0.5, 3e-5), Stage(1000, 0.75, None)]
-    for bad, message in [("1:0,1:0.5", "must increase"), ("1:1.5", r"\[0, 1\]"), ("0:0.5", ">= 1"),
-                         ("1:0.5,3:0.2", "cannot shrink"), ("a:b", "epoch:fraction"), ("2:0.5:-1", "positive")]:
+        Stage(1, 0.0, 1e-4),
+        Stage(11, 0.5, 3e-5),
+        Stage(1000, 0.75, None),
+    ]
+    for bad, message in [
+        ("1:0,1:0.5", "must increase"),
+        ("1:1.5", r"\[0, 1\]"),
+        ("0:0.5", ">= 1"),
+        ("1:0.5,3:0.2", "cannot shrink"),
+        ("a:b", "epoch:fraction"),
+        ("2:0.5:-1", "positive"),
+    ]:
         with pytest.raises(UserError, match=message):
             parse_stages(bad)
 

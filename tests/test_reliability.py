@@ -19,7 +19,6 @@ import torch
 
 import ocec.trainer as trainer_mod
 from conftest import TINY, history, only_run, run_subprocess, synth_folder
-from ocec.synth import write_synthetic
 
 # Slow enough per epoch (about 100 steps) that a signal lands mid-run.
 SLOW = [*TINY, "--batch_size", "4"]
@@ -40,9 +39,25 @@ def reference(tmp_path_factory, signal_data) -> Path:
 
 
 def _start(signal_data, out, epochs=5):
-    return subprocess.Popen([sys.executable, "-m", "ocec", "train", "--data_root", str(signal_data), "--output_dir",
-                             str(out), "--epochs", str(epochs), *SLOW], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ocec",
+            "train",
+            "--data_root",
+            str(signal_data),
+            "--output_dir",
+            str(out),
+            "--epochs",
+            str(epochs),
+            *SLOW,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def _wait_for(path: Path, proc, timeout=120):
@@ -129,6 +144,7 @@ def test_a_signal_mid_epoch_resumes_exactly_where_it_stopped(ocec, data_a, tmp_p
 
 # --- bad input ------------------------------------------------------------------------------
 
+
 def _table_with(path: Path, source: Path, **changes):
     table = pq.read_table(source)
     for name, values in changes.items():
@@ -162,22 +178,49 @@ def _bad_inputs(tmp: Path, data: Path, run: Path) -> list[tuple[str, list, str]]
         ("unreadable parquet", ["--data_root", tmp / "garbage.parquet", *base], "not a readable parquet file"),
         ("folder without parquet", ["--data_root", tmp / "empty_dir", *base], "holds no .parquet files"),
         ("empty parquet", ["--data_root", tmp / "no_rows.parquet", *base], "has no rows"),
-        ("no label column", ["--data_root", _table_with(tmp / "nolabel.parquet", src, label=None, class_id=None), *base],
-         "needs a 'label' or 'class_id' column"),
-        ("no image column", ["--data_root", _table_with(tmp / "noimg.parquet", src, image_bytes=None, image_path=None),
-                             *base], "needs an 'image_bytes' or 'image_path' column"),
-        ("bad label", ["--data_root", _table_with(tmp / "badlabel.parquet", src, class_id=None,
-                                                  label=pa.array(["open", "blink"] * (n // 2))), *base],
-         "row 1: label 'blink' is not one of open/closed/0/1"),
-        ("unknown splits only", ["--data_root", _table_with(tmp / "splits.parquet", src,
-                                                            split=pa.array(["holdout"] * n)), *base],
-         "no row has a split of train/val/test"),
-        ("empty train split", ["--data_root", _table_with(tmp / "valonly.parquet", src, split=pa.array(["val"] * n)),
-                               *base], "the train split is empty"),
-        ("undecodable images", ["--data_root", _table_with(tmp / "junk.parquet", src, image_bytes=pa.array(
-            [b"junk"] * n, pa.binary())), *base], "images unreadable"),
-        ("missing image files", ["--data_root", _table_with(tmp / "paths.parquet", src, image_bytes=None,
-                                                            image_path=missing_paths), *base], "images unreadable"),
+        (
+            "no label column",
+            ["--data_root", _table_with(tmp / "nolabel.parquet", src, label=None, class_id=None), *base],
+            "needs a 'label' or 'class_id' column",
+        ),
+        (
+            "no image column",
+            ["--data_root", _table_with(tmp / "noimg.parquet", src, image_bytes=None, image_path=None), *base],
+            "needs an 'image_bytes' or 'image_path' column",
+        ),
+        (
+            "bad label",
+            [
+                "--data_root",
+                _table_with(tmp / "badlabel.parquet", src, class_id=None, label=pa.array(["open", "blink"] * (n // 2))),
+                *base,
+            ],
+            "row 1: label 'blink' is not one of open/closed/0/1",
+        ),
+        (
+            "unknown splits only",
+            ["--data_root", _table_with(tmp / "splits.parquet", src, split=pa.array(["holdout"] * n)), *base],
+            "no row has a split of train/val/test",
+        ),
+        (
+            "empty train split",
+            ["--data_root", _table_with(tmp / "valonly.parquet", src, split=pa.array(["val"] * n)), *base],
+            "the train split is empty",
+        ),
+        (
+            "undecodable images",
+            [
+                "--data_root",
+                _table_with(tmp / "junk.parquet", src, image_bytes=pa.array([b"junk"] * n, pa.binary())),
+                *base,
+            ],
+            "images unreadable",
+        ),
+        (
+            "missing image files",
+            ["--data_root", _table_with(tmp / "paths.parquet", src, image_bytes=None, image_path=missing_paths), *base],
+            "images unreadable",
+        ),
         ("invalid image size", [*d, *base, "--image_size", "32by64"], "--image_size"),
         ("zero batch size", [*d, *base, "--batch_size", 0], "--batch_size must be a positive integer"),
         ("negative epochs", [*d, *base, "--epochs", -1], "--epochs must be a positive integer"),
@@ -186,11 +229,18 @@ def _bad_inputs(tmp: Path, data: Path, run: Path) -> list[tuple[str, list, str]]
         ("pretrain missing", [*d, *base, "--pretrain", tmp / "none.pt"], "no such file or directory"),
         ("pretrain not a checkpoint", [*d, *base, "--pretrain", tmp / "ckpt.txt"], "not a PyTorch checkpoint"),
         ("pretrain truncated", [*d, *base, "--pretrain", tmp / "truncated.pt"], "truncated or damaged"),
-        ("pretrain incompatible", [*d, *base, "--pretrain", run, "--num_blocks", 3], "num_blocks: checkpoint=2, given=3"),
+        (
+            "pretrain incompatible",
+            [*d, *base, "--pretrain", run, "--num_blocks", 3],
+            "num_blocks: checkpoint=2, given=3",
+        ),
         ("resume missing", ["--resume", tmp / "none.pt"], "no such file"),
         ("resume truncated", ["--resume", tmp / "truncated.pt"], "truncated or damaged"),
-        ("resume foreign", ["--resume", Path(__file__).parent / "fixtures" / "upstream_baseline.pt"],
-         "not an ocec training checkpoint"),
+        (
+            "resume foreign",
+            ["--resume", Path(__file__).parent / "fixtures" / "upstream_baseline.pt"],
+            "not an ocec training checkpoint",
+        ),
         ("bad device", [*d, *base, "--device", "tpu"], "--device"),
         ("bad stages", [*d, *base, "--stages", "3:0.5,2:1"], "--stages: epochs must increase"),
     ]
@@ -229,6 +279,7 @@ def test_single_class_validation_reports_undefined_metrics(ocec, data_a, tmp_pat
 
 # --- corrupted data (fuzz) --------------------------------------------------------------------
 
+
 def _corruptions(rng: np.random.Generator, table: pa.Table) -> list[tuple[str, object]]:
     n = table.num_rows
     names = table.column_names
@@ -241,8 +292,13 @@ def _corruptions(rng: np.random.Generator, table: pa.Table) -> list[tuple[str, o
         out = list(blobs)
         for i in rng.choice(n, size=int(rng.integers(1, n)), replace=False):
             mode = rng.integers(3)
-            out[i] = (rng.bytes(int(rng.integers(0, 64))) if mode == 0 else out[i][:int(rng.integers(0, len(out[i])))]
-                      if mode == 1 else None)
+            out[i] = (
+                rng.bytes(int(rng.integers(0, 64)))
+                if mode == 0
+                else out[i][: int(rng.integers(0, len(out[i])))]
+                if mode == 1
+                else None
+            )
         return with_column("image_bytes", pa.array(out, pa.binary()))
 
     def nulls(name):
@@ -259,8 +315,10 @@ def _corruptions(rng: np.random.Generator, table: pa.Table) -> list[tuple[str, o
     return [
         ("garbage image bytes", garbage_bytes()),
         ("nulls in class_id", nulls("class_id")),
-        ("nulls in label and class_id", nulls("class_id").set_column(names.index("label"), "label",
-                                                                      pa.array([None] * n, pa.string()))),
+        (
+            "nulls in label and class_id",
+            nulls("class_id").set_column(names.index("label"), "label", pa.array([None] * n, pa.string())),
+        ),
         ("nulls in split", nulls("split")),
         ("nulls in source", nulls("source")),
         ("class_id as float", with_column("class_id", pa.array(np.array(table.column("class_id").to_pylist(), float)))),
@@ -269,7 +327,10 @@ def _corruptions(rng: np.random.Generator, table: pa.Table) -> list[tuple[str, o
         ("split as integers", with_column("split", pa.array(rng.integers(0, 3, n)))),
         ("swapped image_bytes and label", swapped("image_bytes", "label")),
         ("swapped split and source", swapped("split", "source")),
-        ("image_path as integers", with_column("image_path", pa.array(rng.integers(0, 9, n))).drop_columns(["image_bytes"])),
+        (
+            "image_path as integers",
+            with_column("image_path", pa.array(rng.integers(0, 9, n))).drop_columns(["image_bytes"]),
+        ),
         ("truncated file", "truncate"),
         ("flipped bytes in file", "flip"),
     ]
@@ -284,7 +345,7 @@ def test_fuzzed_parquet_never_crashes_or_leaves_half_files(ocec, data_a, tmp_pat
         path = tmp_path / f"case{i}.parquet"
         if corrupted == "truncate":
             data = source.read_bytes()
-            path.write_bytes(data[:int(rng.integers(8, len(data) - 8))])
+            path.write_bytes(data[: int(rng.integers(8, len(data) - 8))])
         elif corrupted == "flip":
             data = bytearray(source.read_bytes())
             for j in rng.choice(len(data), size=200, replace=False):
@@ -293,8 +354,9 @@ def test_fuzzed_parquet_never_crashes_or_leaves_half_files(ocec, data_a, tmp_pat
         else:
             pq.write_table(corrupted, path)
         out = tmp_path / f"out{i}"
-        result = ocec("train", "--data_root", path, "--output_dir", out, *TINY, "--epochs", 1,
-                      "--cache_dir", tmp_path / "cache")
+        result = ocec(
+            "train", "--data_root", path, "--output_dir", out, *TINY, "--epochs", 1, "--cache_dir", tmp_path / "cache"
+        )
         outcomes[name] = result.code
         assert result.code in (0, 2), (name, result.code, result.err)
         assert "Traceback" not in result.out + result.err, name
@@ -306,6 +368,7 @@ def test_fuzzed_parquet_never_crashes_or_leaves_half_files(ocec, data_a, tmp_pat
 
 
 # --- hostile checkpoints, full disks, non-finite training ---------------------------------------
+
 
 class _Exploit:
     def __init__(self, marker: Path):
@@ -324,8 +387,10 @@ def test_a_malicious_pickle_is_refused_and_runs_nothing(ocec, data_a, tmp_path, 
     result = ocec("train", *args, flag, evil)
     assert result.code == 2 and not marker.exists()
     assert "refused" in result.err and "could run code" in result.err and "posix.system" in result.err
-    for command in (["eval", "--checkpoint", evil, "--data_root", data_a], ["export", "--checkpoint", evil, "--output",
-                                                                            tmp_path / "m.onnx"]):
+    for command in (
+        ["eval", "--checkpoint", evil, "--data_root", data_a],
+        ["export", "--checkpoint", evil, "--output", tmp_path / "m.onnx"],
+    ):
         assert ocec(*command).code == 2 and not marker.exists()
 
 
@@ -351,6 +416,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(ocec, data_a, tmp_path, monke
 
 def test_a_non_finite_step_is_skipped_and_training_continues(ocec, data_a, tmp_path, monkeypatch, caplog):
     from ocec.margin import CosFace
+
     real = CosFace.training_loss
     calls = []
 
@@ -369,6 +435,7 @@ def test_a_non_finite_step_is_skipped_and_training_continues(ocec, data_a, tmp_p
 
 def test_persistent_non_finite_steps_stop_with_checkpoints_intact(ocec, data_a, tmp_path, monkeypatch):
     from ocec.margin import CosFace
+
     real = CosFace.training_loss
     calls = []
 
@@ -378,8 +445,7 @@ def test_persistent_non_finite_steps_stop_with_checkpoints_intact(ocec, data_a, 
         return (loss * float("nan"), logit) if len(calls) > 6 else (loss, logit)  # 6 steps per epoch
 
     monkeypatch.setattr(CosFace, "training_loss", nan_after_first_epoch)
-    result = ocec("train", "--data_root", data_a, "--output_dir", tmp_path, *TINY, "--epochs", 5,
-                  "--max_bad_steps", 4)
+    result = ocec("train", "--data_root", data_a, "--output_dir", tmp_path, *TINY, "--epochs", 5, "--max_bad_steps", 4)
     assert result.code == 2 and "4 consecutive training steps were non-finite (epoch 2, step 4)" in result.err
     run = only_run(tmp_path)
     _no_half_files(run)

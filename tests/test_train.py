@@ -18,8 +18,15 @@ def test_two_epochs_write_the_run_files_and_a_consistent_best(ocec, data_a, tmp_
     assert result.code == 0, result.err
     run = only_run(tmp_path)
     assert run.name == "v1" and f"run folder: {run}" in result.out
-    for name in ("config.json", "train.log", "history.json", "history.csv", "summary.json",
-                 "ocec_epoch_0001.pt", "ocec_epoch_0002.pt"):
+    for name in (
+        "config.json",
+        "train.log",
+        "history.json",
+        "history.csv",
+        "summary.json",
+        "ocec_epoch_0001.pt",
+        "ocec_epoch_0002.pt",
+    ):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
     best = [p for p in run.iterdir() if BEST_RE.match(p.name)]
@@ -29,8 +36,22 @@ def test_two_epochs_write_the_run_files_and_a_consistent_best(ocec, data_a, tmp_
     assert f"{summary['best_f1']:.4f}" in newest_best.name and summary["best_checkpoint"] == str(newest_best)
     rows = json.loads((run / "history.json").read_text())
     assert [r["epoch"] for r in rows] == [1, 2]
-    for key in ("train_loss", "train_f1", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1",
-                "val_roc_auc", "val_fisher", "lr_backbone", "lr_head", "lr_margin_head", "seconds", "images_per_s"):
+    for key in (
+        "train_loss",
+        "train_f1",
+        "val_loss",
+        "val_accuracy",
+        "val_precision",
+        "val_recall",
+        "val_f1",
+        "val_roc_auc",
+        "val_fisher",
+        "lr_backbone",
+        "lr_head",
+        "lr_margin_head",
+        "seconds",
+        "images_per_s",
+    ):
         assert key in rows[0], key
     assert max(r["val_f1"] for r in rows) == pytest.approx(summary["best_f1"])
     csv_header = (run / "history.csv").read_text().splitlines()[0].split(",")
@@ -48,8 +69,17 @@ def test_every_checkpoint_loads_weights_only_and_holds_plain_data(trained_run):
     assert len(files) >= 3
     for path in files:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("model_state", "model_config", "train_config", "optimizer_state", "schedule_state",
-                    "epoch", "metrics", "history", "normalization"):
+        for key in (
+            "model_state",
+            "model_config",
+            "train_config",
+            "optimizer_state",
+            "schedule_state",
+            "epoch",
+            "metrics",
+            "history",
+            "normalization",
+        ):
             assert key in ckpt, (path.name, key)
         assert ckpt["model_config"]["image_size"] == [16, 32]
         assert ckpt["model_config"]["margin_method"] == "cosface"
@@ -62,14 +92,33 @@ def test_checkpoint_keeper_names_and_prunes(tmp_path):
         if epoch != 4:
             keeper.save_best(epoch, f1, {"epoch": epoch})
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["ocec_best_epoch0002_f1_0.6100.pt", "ocec_best_epoch0003_f1_0.7000.pt",
-                     "ocec_epoch_0003.pt", "ocec_epoch_0004.pt"]
+    assert names == [
+        "ocec_best_epoch0002_f1_0.6100.pt",
+        "ocec_best_epoch0003_f1_0.7000.pt",
+        "ocec_epoch_0003.pt",
+        "ocec_epoch_0004.pt",
+    ]
     assert not list(tmp_path.glob(".tmp-*"))
 
 
 def test_keep_last_and_keep_best_flags_prune_a_real_run(ocec, data_a, tmp_path):
-    assert ocec("train", "--data_root", data_a, "--output_dir", tmp_path, "--epochs", 4, "--keep_last", 2,
-                "--keep_best", 1, *TINY).code == 0
+    assert (
+        ocec(
+            "train",
+            "--data_root",
+            data_a,
+            "--output_dir",
+            tmp_path,
+            "--epochs",
+            4,
+            "--keep_last",
+            2,
+            "--keep_best",
+            1,
+            *TINY,
+        ).code
+        == 0
+    )
     run = only_run(tmp_path)
     epochs = sorted(int(EPOCH_RE.match(p.name).group(1)) for p in run.iterdir() if EPOCH_RE.match(p.name))
     assert epochs == [3, 4]
@@ -85,8 +134,11 @@ def test_resume_reproduces_the_uninterrupted_run(ocec, data_a, tmp_path):
     assert result.code == 0, result.err
     straight = only_run(tmp_path / "straight")
     assert history(first_leg) == history(straight)
-    summary = lambda run: {k: v for k, v in json.loads((run / "summary.json").read_text()).items()
-                           if k in ("best_f1", "best_epoch", "final_val_f1", "epochs_completed")}
+    summary = lambda run: {
+        k: v
+        for k, v in json.loads((run / "summary.json").read_text()).items()
+        if k in ("best_f1", "best_epoch", "final_val_f1", "epochs_completed")
+    }
     assert summary(first_leg) == summary(straight)
     # the resumed run keeps its folder and its log
     assert (first_leg / "ocec_epoch_0004.pt").is_file() and "resuming" in (first_leg / "train.log").read_text()
@@ -94,6 +146,7 @@ def test_resume_reproduces_the_uninterrupted_run(ocec, data_a, tmp_path):
 
 def test_resume_from_a_run_folder_takes_the_latest_epoch(ocec, trained_run, tmp_path):
     import shutil
+
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
     result = ocec("train", "--resume", run, "--epochs", 4)
@@ -109,9 +162,24 @@ def test_resume_forces_the_checkpoint_architecture(ocec, trained_run):
 
 def test_without_val_split_best_is_by_training_f1(ocec, tmp_path):
     from ocec.synth import write_synthetic
+
     write_synthetic(tmp_path / "d", 120, seed=0, style="a", with_split=False)
-    result = ocec("train", "--data_root", tmp_path / "d", "--output_dir", tmp_path / "r", "--epochs", 2,
-                  "--train_ratio", 1.0, "--val_ratio", 0, "--test_ratio", 0, *TINY)
+    result = ocec(
+        "train",
+        "--data_root",
+        tmp_path / "d",
+        "--output_dir",
+        tmp_path / "r",
+        "--epochs",
+        2,
+        "--train_ratio",
+        1.0,
+        "--val_ratio",
+        0,
+        "--test_ratio",
+        0,
+        *TINY,
+    )
     assert result.code == 0, result.err
     run = only_run(tmp_path / "r")
     summary = json.loads((run / "summary.json").read_text())
@@ -147,8 +215,10 @@ def test_the_console_entry_point_runs_and_help_lists_defaults():
     assert result.returncode == 0
     for flag in ("--pretrain", "--backbone_lr", "--stages", "--mix_ratio", "--plateau_patience", "--use_amp"):
         assert flag in result.stdout
-    assert re.search(r"--plateau_factor\s+PLATEAU_FACTOR\s+LR multiplier on a plateau \(default: 0.5\)",
-                     " ".join(result.stdout.split()))
+    assert re.search(
+        r"--plateau_factor\s+PLATEAU_FACTOR\s+LR multiplier on a plateau \(default: 0.5\)",
+        " ".join(result.stdout.split()),
+    )
 
 
 def test_use_amp_on_cpu_trains_in_bfloat16(ocec, data_a, tmp_path):
