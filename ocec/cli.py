@@ -35,10 +35,18 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default ('off' for switches, 'none' for unset values)."""
+
     def _get_help_string(self, action):
         text = action.help or ""
-        if "%(default)" in text or action.default in (None, argparse.SUPPRESS, False) or not action.option_strings:
+        if "default" in text or not action.option_strings or action.default is argparse.SUPPRESS:
             return text
+        if action.nargs == 0:  # --help and switches
+            return text if action.dest == "help" else text + " (default: off)"
+        if action.default is None:
+            return text + " (default: none)"
+        if isinstance(action.default, tuple) and len(action.default) == 2:
+            return text + f" (default: {action.default[0]}x{action.default[1]})"
         return text + " (default: %(default)s)"
 
 
@@ -74,7 +82,7 @@ def _add_train(sub) -> Parser:
         type=_image_size,
         default=MODEL_DEFAULTS.image_size,
         metavar="N|HxW",
-        help="input size, e.g. 48 or 32x64 (default: 32x64)",
+        help="input size, e.g. 48 or 32x64",
     )
     g.add_argument(
         "--num_workers", type=int, default=d.num_workers, help="processes that decode images (once; then cached)"

@@ -26,10 +26,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from .errors import UserError
 from .fileio import atomic_write
+from .reporting import progress
 
 log = logging.getLogger("ocec")
 
@@ -309,7 +309,7 @@ def decode_all(table: Table, size: tuple[int, int], num_workers: int) -> tuple[n
     """Decode every row once -> (uint8 [N, 3, H, W], {row: reason} for rows that could not be read)."""
     images = np.zeros((len(table), 3, *size), dtype=np.uint8)
     bad: dict[int, str] = {}
-    bar = tqdm(total=len(table), desc="decode", unit="img", disable=None, leave=False)
+    bar = progress(total=len(table), desc="decode", unit="img")
 
     def collect(result):
         offset, block, failures = result

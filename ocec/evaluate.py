@@ -162,7 +162,7 @@ def read_run(path: str) -> dict:
             else summary.get("final_train_f1"),
             "best_fisher": summary.get("best_val_fisher"),
             "epochs": summary.get("epochs_completed"),
-            "seconds": summary.get("train_seconds"),
+            "seconds": summary.get("wall_seconds"),
             "images_per_s": summary.get("images_per_s"),
             "pretrain": pretrain,
             "history": history,
@@ -238,7 +238,7 @@ def format_compare(records: list[dict], with_data: bool) -> str:
         ("final_f1", "final F1"),
         ("best_fisher", "fisher"),
         ("epochs", "epochs"),
-        ("seconds", "train s"),
+        ("seconds", "wall s"),
         ("images_per_s", "img/s"),
     ]
     if with_data:

@@ -56,6 +56,10 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
 
 def export_onnx(model: OcecModel, output: str | Path, opset: int = 17, check: bool = True) -> dict:
     """Write the ONNX file atomically; with onnxruntime installed, compare it with PyTorch."""
+    try:
+        import onnx  # noqa: F401  (torch's exporter needs it)
+    except ImportError:
+        raise UserError("ONNX export needs the onnx package: pip install 'ocec[onnx]'") from None
     model = model.cpu().eval()
     folded, pairs = fold_batchnorm(model)
     wrapper = ProbabilityOpen(folded).eval()

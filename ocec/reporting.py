@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import logging
 import numbers
+import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from .errors import UserError
 
 log = logging.getLogger("ocec")
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """A tqdm bar that stays quiet when stdout is not a terminal (log files, nohup, CI)."""
+    return tqdm(iterable, disable=not sys.stdout.isatty(), leave=False, **kwargs)
 
 
 def check_optional(tensorboard: bool, diagnostics: bool) -> None:

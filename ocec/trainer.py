@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from . import __version__
 from .augment import augment_batch
@@ -52,7 +51,7 @@ from .optim import (
     freeze_batchnorm_statistics,
     set_backbone_fraction,
 )
-from .reporting import Reporter, check_optional
+from .reporting import Reporter, check_optional, progress
 
 log = logging.getLogger("ocec")
 
@@ -226,7 +225,7 @@ def predict_split(
     """Margin-free logits and embeddings (float32, CPU) for uint8 images, in eval mode without augmentation."""
     model.eval()
     logits, embeddings = [], []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=None, unit="batch"):
+    for start in progress(range(0, len(images), batch_size), desc=desc, unit="batch"):
         x = to_float(images[start : start + batch_size], device)
         with autocast(device, amp_dtype):
             emb = model.embed(x)
@@ -342,7 +341,7 @@ def train_one_epoch(
     freeze_batchnorm_statistics(model)
     n_steps = steps_per_epoch(len(order), cfg.batch_size)
     params = [p for p in model.parameters()]
-    bar = tqdm(total=n_steps, initial=state.step, desc=f"epoch {epoch}", leave=False, disable=None, unit="step")
+    bar = progress(total=n_steps, initial=state.step, desc=f"epoch {epoch}", unit="step")
     order = order.to(run.pool_images.device)
     labels_on_pool = run.pool_labels.to(run.pool_images.device)
     while state.step < n_steps:
@@ -734,7 +733,7 @@ def _epochs(run: Run, start_epoch: int, partial, train_split, val_split, extra, 
                 ),
             )
             _stop_message(run, path)
-        _end_epoch(run, epoch, state, train_seconds, val_split, extra, reporter)
+        _end_epoch(run, epoch, state, train_seconds, tic, val_split, extra, reporter)
         if run.stop.signum is not None:
             _stop_message(run, run.run_dir / epoch_name(epoch))
 
@@ -744,7 +743,9 @@ def _stop_message(run: Run, path: Path):
     raise Interrupted(run.stop.signum, path)
 
 
-def _end_epoch(run: Run, epoch: int, state: EpochState, train_seconds: float, val_split, extra, reporter) -> None:
+def _end_epoch(
+    run: Run, epoch: int, state: EpochState, train_seconds: float, started: float, val_split, extra, reporter
+) -> None:
     cfg = run.cfg
     logits = torch.cat(state.logits) if state.logits else torch.empty(0)
     labels = torch.cat(state.labels) if state.labels else torch.empty(0, dtype=torch.long)
@@ -771,6 +772,7 @@ def _end_epoch(run: Run, epoch: int, state: EpochState, train_seconds: float, va
         row.update({f"{split_name}_{k}": v for k, v in values.items()})
     row.update({f"lr_{g}": v for g, v in lrs.items()})
     row["seconds"] = round(train_seconds, 3)
+    row["wall_seconds"] = round(time.time() - started, 3)  # training and evaluation
     row["images_per_s"] = round(state.seen / train_seconds, 1) if train_seconds > 0 else None
     row["trainable_backbone_units"] = sum(
         1
@@ -845,6 +847,7 @@ def _write_summary(run: Run) -> None:
             "epochs": run.cfg.epochs,
             "epochs_completed": len(run.history),
             "train_seconds": round(sum(r.get("seconds") or 0 for r in run.history), 2),
+            "wall_seconds": round(sum(r.get("wall_seconds") or 0 for r in run.history), 2),
             "images_per_s": round(sum(rates) / len(rates), 1) if rates else None,
             "pretrain": run.pretrain,
             "device": str(run.device),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,7 @@ def test_compare_reads_runs_evaluates_them_and_plots(ocec, trained_run, bce_run,
     rows = json.loads(table.read_text())
     summary = json.loads((trained_run / "summary.json").read_text())
     assert rows[0]["best_val_f1"] == pytest.approx(summary["best_f1"]) and rows[0]["epochs"] == 3
+    assert rows[0]["seconds"] == pytest.approx(summary["wall_seconds"]) and rows[0]["images_per_s"] > 0
     assert rows[2]["best_val_f1"] == pytest.approx(0.8759, abs=1e-4)  # the upstream checkpoint's recorded F1
     result = ocec(
         "compare", trained_run, bce_run, "--data_root", data_b, "--split", "all", "--device", "cpu", "--json", table
@@ -232,6 +234,13 @@ def test_onnx_export_matches_pytorch(ocec, trained_run, tmp_path):
         assert onnx_prob.shape == (n,)
         assert np.abs(onnx_prob - model.predict_proba(x).numpy()).max() < 1e-4
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_export_without_the_onnx_extra_says_what_to_install(ocec, trained_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
+    result = ocec("export", "--checkpoint", trained_run, "--output", tmp_path / "m.onnx")
+    assert result.code == 2 and "pip install 'ocec[onnx]'" in result.err and "Traceback" not in result.err
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_diagnostics_and_tensorboard_outputs(ocec, data_a, tmp_path):

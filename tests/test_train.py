@@ -50,6 +50,7 @@ def test_two_epochs_write_the_run_files_and_a_consistent_best(ocec, data_a, tmp_
         "lr_head",
         "lr_margin_head",
         "seconds",
+        "wall_seconds",
         "images_per_s",
     ):
         assert key in rows[0], key
@@ -225,3 +226,16 @@ def test_use_amp_on_cpu_trains_in_bfloat16(ocec, data_a, tmp_path):
     result = ocec("train", "--data_root", data_a, "--output_dir", tmp_path, "--epochs", 1, "--use_amp", *TINY)
     assert result.code == 0, result.err
     assert only_run(tmp_path).joinpath("ocec_epoch_0001.pt").is_file()
+
+
+def test_the_same_seed_reproduces_a_run_and_another_seed_does_not(ocec, data_a, tmp_path):
+    def run(seed, name):
+        args = ["--data_root", data_a, "--output_dir", tmp_path / name, "--epochs", 2, "--seed", seed, *TINY]
+        assert ocec("train", *args).code == 0
+        return only_run(tmp_path / name)
+
+    first, again, other = run(7, "a"), run(7, "b"), run(8, "c")
+    assert history(first) == history(again)
+    assert history(first) != history(other)
+    same = [torch.load(r / "ocec_epoch_0002.pt", weights_only=True)["model_state"] for r in (first, again)]
+    assert all(torch.equal(same[0][k], same[1][k]) for k in same[0])
