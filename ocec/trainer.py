@@ -264,26 +264,44 @@ def evaluate_split(model, split: Split, batch_size, device, amp_dtype, desc="val
 
 @dataclass
 class EpochState:
-    """Progress inside an epoch; saved in interrupt checkpoints so a stopped epoch resumes mid-way."""
+    """Progress inside an epoch. Statistics stay on the training device (no host sync per step);
+    interrupt checkpoints save them so a stopped epoch resumes mid-way with the same numbers."""
 
     step: int = 0
-    loss_sum: float = 0.0
     seen: int = 0
+    loss_sum: torch.Tensor | float = 0.0  # accumulated in float64, one step after another
     logits: list = field(default_factory=list)
     labels: list = field(default_factory=list)
 
+    def add(self, loss: torch.Tensor, logit: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum = self.loss_sum + loss.detach().double() * len(labels)
+        self.seen += len(labels)
+        self.logits.append(logit.detach().float())
+        self.labels.append(labels)
+
+    def mean_loss(self) -> float:
+        return float(self.loss_sum) / max(1, self.seen)
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, labels) of the epoch so far, on the CPU."""
+        if not self.logits:
+            return torch.empty(0), torch.empty(0, dtype=torch.long)
+        return torch.cat(self.logits).cpu(), torch.cat(self.labels).cpu()
+
     def to_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "loss_sum": self.loss_sum,
-            "seen": self.seen,
-            "logits": torch.cat(self.logits) if self.logits else torch.empty(0),
-            "labels": torch.cat(self.labels) if self.labels else torch.empty(0, dtype=torch.long),
-        }
+        logits, labels = self.outputs()
+        loss_sum = torch.as_tensor(self.loss_sum, dtype=torch.float64).cpu()
+        return {"step": self.step, "seen": self.seen, "loss_sum": loss_sum, "logits": logits, "labels": labels}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EpochState":
-        return cls(data["step"], data["loss_sum"], data["seen"], [data["logits"]], [data["labels"]])
+    def from_dict(cls, data: dict, device: torch.device) -> "EpochState":
+        return cls(
+            data["step"],
+            data["seen"],
+            data["loss_sum"].to(device),
+            [data["logits"].to(device)],
+            [data["labels"].to(device)],
+        )
 
 
 class StopFlag:
@@ -368,10 +386,7 @@ def train_one_epoch(
             else:
                 run.optimizer.step()
             run.bad_steps = 0
-            state.loss_sum += float(loss.detach()) * len(y)
-            state.seen += len(y)
-            state.logits.append(logit.detach().float().cpu())
-            state.labels.append(y.cpu())
+            state.add(loss, logit, y)
         else:
             run.optimizer.zero_grad(set_to_none=True)
             if run.scaler is not None:
@@ -630,7 +645,7 @@ def _restore(run: Run, raw: dict) -> tuple[int, EpochState | None]:
         log.info("resume: removed checkpoints of epochs after the resumed one: %s", ", ".join(p.name for p in stale))
     if step:  # an interrupted epoch: continue it where it stopped
         torch.set_rng_state(raw["rng"]["torch"])
-        return epoch, (EpochState.from_dict(raw["partial"]), raw["rng"])
+        return epoch, (EpochState.from_dict(raw["partial"], run.device), raw["rng"])
     return epoch + 1, None
 
 
@@ -747,10 +762,9 @@ def _end_epoch(
     run: Run, epoch: int, state: EpochState, train_seconds: float, started: float, val_split, extra, reporter
 ) -> None:
     cfg = run.cfg
-    logits = torch.cat(state.logits) if state.logits else torch.empty(0)
-    labels = torch.cat(state.labels) if state.labels else torch.empty(0, dtype=torch.long)
+    logits, labels = state.outputs()
     train_metrics = {
-        "loss": state.loss_sum / max(1, state.seen),
+        "loss": state.mean_loss(),
         **binary_report(labels.numpy(), torch.sigmoid(logits).numpy()),
     }
     metrics = {"train": train_metrics}

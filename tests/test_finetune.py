@@ -412,3 +412,17 @@ def test_copied_run_folder_is_accepted_as_pretrain(ocec, data_a, trained_run, tm
         "train", "--data_root", data_a, "--output_dir", tmp_path / "r", "--epochs", 1, *TRAIN_ONLY, "--pretrain", copy
     )
     assert result.code == 0 and "among" in result.out
+
+
+def test_shape_mismatches_while_loading_are_listed(ocec, data_a, trained_run, tmp_path):
+    ckpt = torch.load(trained_run / "ocec_epoch_0003.pt", weights_only=True)
+    state = dict(ckpt["model_state"])
+    state["backbone.stem.0.weight"] = torch.zeros(16, 3, 3, 3)  # the config still says 8 channels
+    del state["head.norm.bias"]
+    torch.save({**ckpt, "model_state": state}, tmp_path / "odd.pt")
+    result = ocec(
+        "train", "--data_root", data_a, "--output_dir", tmp_path / "r", *TRAIN_ONLY, "--pretrain", tmp_path / "odd.pt"
+    )
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert "backbone.stem.0.weight: checkpoint=(16, 3, 3, 3), given=(8, 3, 3, 3)" in result.err
+    assert "head.norm.bias: checkpoint=absent, given=(8,)" in result.err
