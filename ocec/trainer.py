@@ -358,7 +358,7 @@ def train_one_epoch(
     model.train()
     freeze_batchnorm_statistics(model)
     n_steps = steps_per_epoch(len(order), cfg.batch_size)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     bar = progress(total=n_steps, initial=state.step, desc=f"epoch {epoch}", unit="step")
     order = order.to(run.pool_images.device)
     labels_on_pool = run.pool_labels.to(run.pool_images.device)
@@ -763,10 +763,7 @@ def _end_epoch(
 ) -> None:
     cfg = run.cfg
     logits, labels = state.outputs()
-    train_metrics = {
-        "loss": state.mean_loss(),
-        **binary_report(labels.numpy(), torch.sigmoid(logits).numpy()),
-    }
+    train_metrics = {"loss": state.mean_loss(), **binary_report(labels.numpy(), torch.sigmoid(logits).numpy())}
     metrics = {"train": train_metrics}
     val_probs = None
     if val_split is not None:

@@ -20,7 +20,7 @@ KEY_MAP: dict[str, list[tuple[str, str]]] = {
         (r"^features\.", "backbone.features."),
         (r"^head\.0\.", "head.norm."),  # BatchNorm1d after global average pooling
         (r"^head\.2\.", "margin_head.fc."),  # Linear(C -> 1): the one-logit classifier
-    ],
+    ]
 }
 UPSTREAM_AUTO_HEAD = {"baseline": "avg", "inverted_se": "avgmax_mlp", "convnext": "transformer"}
 

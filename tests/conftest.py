@@ -19,24 +19,10 @@ from ocec.synth import write_synthetic
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # Small enough that a 2-epoch run takes about a second on 2 CPU cores.
-TINY = [
-    "--image_size",
-    "16x32",
-    "--base_channels",
-    "8",
-    "--num_blocks",
-    "2",
-    "--batch_size",
-    "32",
-    "--num_workers",
-    "0",
-    "--warmup_epochs",
-    "0",
-    "--device",
-    "cpu",
-    "--lr",
-    "3e-3",
-]
+TINY = (
+    "--image_size 16x32 --base_channels 8 --num_blocks 2 --batch_size 32 --num_workers 0 --warmup_epochs 0 "
+    "--device cpu --lr 3e-3"
+).split()
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -62,6 +48,16 @@ def ocec(capsys):
         code = main([str(a) for a in args])
         captured = capsys.readouterr()
         return Result(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture
+def train(ocec):
+    """`ocec train --data_root DATA --output_dir OUT --epochs EPOCHS EXTRA...`, in-process."""
+
+    def run(data, out, epochs, *extra) -> Result:
+        return ocec("train", "--data_root", data, "--output_dir", out, "--epochs", epochs, *extra)
 
     return run
 

@@ -96,18 +96,14 @@ def test_script_reports_a_missing_checkpoint(tmp_path, data_b):
     assert result.returncode == 2 and "no such file, folder or matching checkpoint" in result.stderr
 
 
+def _tiny_finetune(trained_run, data_b, out, **settings) -> dict:
+    """Script settings for a one-epoch CPU fine-tune of the tiny trained run."""
+    base = {"PRETRAIN_MODEL": trained_run, "DATA_ROOT_B": data_b, "OUTPUT_DIR": out, "EPOCHS": 1, "BATCH_SIZE": 32}
+    return {**base, "NUM_WORKERS": 0, "DEVICE": "cpu", **settings}
+
+
 def test_script_runs_a_fine_tune_with_overrides_and_extra_flags(tmp_path, trained_run, data_b):
-    env = {
-        "PRETRAIN_MODEL": trained_run,
-        "DATA_ROOT_B": data_b,
-        "OUTPUT_DIR": tmp_path / "out",
-        "EPOCHS": 1,
-        "BATCH_SIZE": 32,
-        "NUM_WORKERS": 0,
-        "DEVICE": "cpu",
-        "LR": "3e-4",
-        "BACKBONE_LR": "1e-4",
-    }
+    env = _tiny_finetune(trained_run, data_b, tmp_path / "out", LR="3e-4", BACKBONE_LR="1e-4")
     result = _script(env, "--keep_last", 1, "--augment", "light")
     assert result.returncode == 0, result.stderr
     assert (
@@ -120,17 +116,7 @@ def test_script_runs_a_fine_tune_with_overrides_and_extra_flags(tmp_path, traine
 
 
 def test_script_background_mode_writes_a_timestamped_log(tmp_path, trained_run, data_b):
-    env = {
-        "PRETRAIN_MODEL": trained_run,
-        "DATA_ROOT_B": data_b,
-        "OUTPUT_DIR": tmp_path / "out",
-        "EPOCHS": 1,
-        "BATCH_SIZE": 32,
-        "NUM_WORKERS": 0,
-        "DEVICE": "cpu",
-        "BACKGROUND": 1,
-    }
-    result = _script(env)
+    result = _script(_tiny_finetune(trained_run, data_b, tmp_path / "out", BACKGROUND=1))
     assert result.returncode == 0, result.stderr
     log = Path(re.search(r"log: (\S+)", result.stdout).group(1))
     assert re.fullmatch(r"finetune_\d{8}_\d{6}\.log", log.name) and log.parent == tmp_path / "out" / "logs"

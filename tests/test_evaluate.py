@@ -243,21 +243,10 @@ def test_export_without_the_onnx_extra_says_what_to_install(ocec, trained_run, t
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_diagnostics_and_tensorboard_outputs(ocec, data_a, tmp_path):
+def test_diagnostics_and_tensorboard_outputs(ocec, train, data_a, tmp_path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("tensorboard")
-    result = ocec(
-        "train",
-        "--data_root",
-        data_a,
-        "--output_dir",
-        tmp_path,
-        "--epochs",
-        2,
-        *TINY,
-        "--save_diagnostics",
-        "--tensorboard",
-    )
+    result = train(data_a, tmp_path, 2, *TINY, "--save_diagnostics", "--tensorboard")
     assert result.code == 0, result.err
     run = only_run(tmp_path)
     pngs = sorted(p.name for p in (run / "diagnostics").iterdir())

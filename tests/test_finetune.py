@@ -16,7 +16,7 @@ from ocec.model import build_model
 from ocec.synth import write_synthetic
 
 # TINY minus the architecture flags: a fine-tune inherits them from the checkpoint.
-TRAIN_ONLY = ["--batch_size", "32", "--num_workers", "0", "--warmup_epochs", "0", "--device", "cpu"]
+TRAIN_ONLY = "--batch_size 32 --num_workers 0 --warmup_epochs 0 --device cpu".split()
 
 
 def _chosen(run_dir):
@@ -130,19 +130,11 @@ def test_reinit_head_reinitialises_head_and_margin_head(trained_run):
     assert set(report.reinitialised) == {"head", "margin_head"}
 
 
-def test_freeze_backbone_keeps_weights_and_bn_statistics_while_the_head_learns(ocec, data_a, trained_run, tmp_path):
-    result = ocec(
-        "train",
-        "--data_root",
-        data_a,
-        "--output_dir",
-        tmp_path,
-        "--epochs",
-        1,
-        *TRAIN_ONLY,
-        "--pretrain",
-        trained_run / "ocec_epoch_0002.pt",
-        "--freeze_backbone",
+def test_freeze_backbone_keeps_weights_and_bn_statistics_while_the_head_learns(
+    ocec, train, data_a, trained_run, tmp_path
+):
+    result = train(
+        data_a, tmp_path, 1, *TRAIN_ONLY, "--pretrain", trained_run / "ocec_epoch_0002.pt", "--freeze_backbone"
     )
     assert result.code == 0, result.err
     assert "0/3 backbone units trainable" in result.out
@@ -156,14 +148,10 @@ def test_freeze_backbone_keeps_weights_and_bn_statistics_while_the_head_learns(o
     assert not torch.equal(before["margin_head.weight"], after["margin_head.weight"])
 
 
-def test_unfreezing_at_epoch_e_changes_exactly_the_chosen_units(ocec, data_a, trained_run, tmp_path):
-    result = ocec(
-        "train",
-        "--data_root",
+def test_unfreezing_at_epoch_e_changes_exactly_the_chosen_units(ocec, train, data_a, trained_run, tmp_path):
+    result = train(
         data_a,
-        "--output_dir",
         tmp_path,
-        "--epochs",
         2,
         *TRAIN_ONLY,
         "--pretrain",
@@ -186,14 +174,10 @@ def test_unfreezing_at_epoch_e_changes_exactly_the_chosen_units(ocec, data_a, tr
     assert rows[1]["lr_backbone"] == pytest.approx(5e-4)  # stage LR reached after its re-warm
 
 
-def test_unfreeze_flags_schedule_the_backbone(ocec, data_a, trained_run, tmp_path):
-    result = ocec(
-        "train",
-        "--data_root",
+def test_unfreeze_flags_schedule_the_backbone(ocec, train, data_a, trained_run, tmp_path):
+    result = train(
         data_a,
-        "--output_dir",
         tmp_path,
-        "--epochs",
         2,
         *TRAIN_ONLY,
         "--pretrain",
@@ -211,14 +195,10 @@ def test_unfreeze_flags_schedule_the_backbone(ocec, data_a, trained_run, tmp_pat
     assert "3/3 backbone units trainable (stem, features.0, features.1), backbone lr 2.00e-04" in result.out
 
 
-def test_per_group_learning_rates_after_warmup(ocec, data_a, trained_run, tmp_path):
-    result = ocec(
-        "train",
-        "--data_root",
+def test_per_group_learning_rates_after_warmup(ocec, train, data_a, trained_run, tmp_path):
+    result = train(
         data_a,
-        "--output_dir",
         tmp_path,
-        "--epochs",
         2,
         *TRAIN_ONLY,
         "--pretrain",
@@ -239,14 +219,10 @@ def test_per_group_learning_rates_after_warmup(ocec, data_a, trained_run, tmp_pa
     assert "lr backbone 1.00e-04 head 5.00e-04 margin_head 1.00e-03" in result.out
 
 
-def test_mixing_and_extra_validation_are_logged(ocec, data_a, data_b, trained_run, tmp_path):
-    result = ocec(
-        "train",
-        "--data_root",
+def test_mixing_and_extra_validation_are_logged(ocec, train, data_a, data_b, trained_run, tmp_path):
+    result = train(
         data_b,
-        "--output_dir",
         tmp_path,
-        "--epochs",
         1,
         *TRAIN_ONLY,
         "--pretrain",
@@ -267,15 +243,11 @@ def test_mixing_and_extra_validation_are_logged(ocec, data_a, data_b, trained_ru
     assert summary["best_f1"] == pytest.approx(row["val_f1"])
 
 
-def test_upstream_checkpoint_fine_tunes_with_a_new_cosface_head(ocec, tmp_path):
+def test_upstream_checkpoint_fine_tunes_with_a_new_cosface_head(ocec, train, tmp_path):
     write_synthetic(tmp_path / "b", 120, seed=0, style="b")
-    result = ocec(
-        "train",
-        "--data_root",
+    result = train(
         tmp_path / "b",
-        "--output_dir",
         tmp_path / "r",
-        "--epochs",
         1,
         *TRAIN_ONLY,
         "--pretrain",
@@ -289,74 +261,24 @@ def test_upstream_checkpoint_fine_tunes_with_a_new_cosface_head(ocec, tmp_path):
     assert model["base_channels"] == 32 and model["image_size"] == [32, 64] and model["margin_method"] == "cosface"
 
 
-def test_upstream_checkpoint_keeps_its_one_logit_classifier_by_default(ocec, tmp_path):
+def test_upstream_checkpoint_keeps_its_one_logit_classifier_by_default(ocec, train, tmp_path):
     write_synthetic(tmp_path / "b", 80, seed=0, style="b")
-    result = ocec(
-        "train",
-        "--data_root",
-        tmp_path / "b",
-        "--output_dir",
-        tmp_path / "r",
-        "--epochs",
-        1,
-        *TRAIN_ONLY,
-        "--pretrain",
-        FIXTURES / "upstream_baseline.pt",
-    )
+    result = train(tmp_path / "b", tmp_path / "r", 1, *TRAIN_ONLY, "--pretrain", FIXTURES / "upstream_baseline.pt")
     assert result.code == 0, result.err
     assert "backbone 54, head 5, margin_head 2; re-initialised: none; ignored: 0" in result.out
 
 
-def test_fine_tuning_beats_training_from_scratch_on_shifted_data(ocec, tmp_path):
+def test_fine_tuning_beats_training_from_scratch_on_shifted_data(ocec, train, tmp_path):
     """Style b is a shifted domain. With the same small budget (4 epochs on 500 images), starting
     from a model trained on style a must beat starting from scratch by a clear margin."""
     write_synthetic(tmp_path / "a", 1200, seed=11, style="a")
     write_synthetic(tmp_path / "b", 500, seed=20, style="b")
-    common = [
-        "--image_size",
-        "24x48",
-        "--base_channels",
-        8,
-        "--num_blocks",
-        4,
-        "--batch_size",
-        32,
-        "--num_workers",
-        0,
-        "--device",
-        "cpu",
-        "--warmup_epochs",
-        0.5,
-        "--seed",
-        42,
-    ]
+    common = "--image_size 24x48 --base_channels 8 --num_blocks 4 --batch_size 32 --num_workers 0 --device cpu"
+    common = [*common.split(), "--warmup_epochs", 0.5, "--seed", 42]
+    assert train(tmp_path / "a", tmp_path / "A", 4, "--lr", 3e-3, *common).code == 0
+    assert train(tmp_path / "b", tmp_path / "S", 4, "--lr", 3e-3, *common).code == 0
     assert (
-        ocec(
-            "train", "--data_root", tmp_path / "a", "--output_dir", tmp_path / "A", "--epochs", 4, "--lr", 3e-3, *common
-        ).code
-        == 0
-    )
-    assert (
-        ocec(
-            "train", "--data_root", tmp_path / "b", "--output_dir", tmp_path / "S", "--epochs", 4, "--lr", 3e-3, *common
-        ).code
-        == 0
-    )
-    assert (
-        ocec(
-            "train",
-            "--data_root",
-            tmp_path / "b",
-            "--output_dir",
-            tmp_path / "F",
-            "--epochs",
-            4,
-            "--lr",
-            1.5e-3,
-            "--pretrain",
-            only_run(tmp_path / "A"),
-            *common,
-        ).code
+        train(tmp_path / "b", tmp_path / "F", 4, "--lr", 1.5e-3, "--pretrain", only_run(tmp_path / "A"), *common).code
         == 0
     )
     best = lambda d: json.loads((only_run(d) / "summary.json").read_text())["best_f1"]
@@ -365,22 +287,8 @@ def test_fine_tuning_beats_training_from_scratch_on_shifted_data(ocec, tmp_path)
     assert finetuned > 0.75
 
 
-def test_resume_of_a_fine_tune_keeps_its_pretrain_record(ocec, data_a, trained_run, tmp_path):
-    assert (
-        ocec(
-            "train",
-            "--data_root",
-            data_a,
-            "--output_dir",
-            tmp_path,
-            "--epochs",
-            1,
-            *TRAIN_ONLY,
-            "--pretrain",
-            trained_run,
-        ).code
-        == 0
-    )
+def test_resume_of_a_fine_tune_keeps_its_pretrain_record(ocec, train, data_a, trained_run, tmp_path):
+    assert train(data_a, tmp_path, 1, *TRAIN_ONLY, "--pretrain", trained_run).code == 0
     run = only_run(tmp_path)
     result = ocec("train", "--resume", run, "--epochs", 2)
     assert result.code == 0, result.err

@@ -102,24 +102,8 @@ def test_checkpoint_keeper_names_and_prunes(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def test_keep_last_and_keep_best_flags_prune_a_real_run(ocec, data_a, tmp_path):
-    assert (
-        ocec(
-            "train",
-            "--data_root",
-            data_a,
-            "--output_dir",
-            tmp_path,
-            "--epochs",
-            4,
-            "--keep_last",
-            2,
-            "--keep_best",
-            1,
-            *TINY,
-        ).code
-        == 0
-    )
+def test_keep_last_and_keep_best_flags_prune_a_real_run(ocec, train, data_a, tmp_path):
+    assert train(data_a, tmp_path, 4, "--keep_last", 2, "--keep_best", 1, *TINY).code == 0
     run = only_run(tmp_path)
     epochs = sorted(int(EPOCH_RE.match(p.name).group(1)) for p in run.iterdir() if EPOCH_RE.match(p.name))
     assert epochs == [3, 4]
@@ -161,26 +145,11 @@ def test_resume_forces_the_checkpoint_architecture(ocec, trained_run):
     assert "base_channels: checkpoint=8, given=16" in result.err and len(result.err.strip().splitlines()) == 1
 
 
-def test_without_val_split_best_is_by_training_f1(ocec, tmp_path):
+def test_without_val_split_best_is_by_training_f1(ocec, train, tmp_path):
     from ocec.synth import write_synthetic
 
     write_synthetic(tmp_path / "d", 120, seed=0, style="a", with_split=False)
-    result = ocec(
-        "train",
-        "--data_root",
-        tmp_path / "d",
-        "--output_dir",
-        tmp_path / "r",
-        "--epochs",
-        2,
-        "--train_ratio",
-        1.0,
-        "--val_ratio",
-        0,
-        "--test_ratio",
-        0,
-        *TINY,
-    )
+    result = train(tmp_path / "d", tmp_path / "r", 2, "--train_ratio", 1.0, "--val_ratio", 0, "--test_ratio", 0, *TINY)
     assert result.code == 0, result.err
     run = only_run(tmp_path / "r")
     summary = json.loads((run / "summary.json").read_text())
