@@ -102,9 +102,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_writable(folder: str | Path, flag: str = "--output_dir") -> Path:
-    """Fail before any work if the output folder cannot be created or written."""
+def check_writable(folder: str | Path, flag: str = "--output_dir", created: list | None = None) -> Path:
+    """Fail before any work if the output folder cannot be created or written. Folders this creates
+    are appended to `created`, so a run that fails before writing anything can remove them again."""
     folder = Path(folder).expanduser()
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".ocec-write-test-{os.getpid()}"
@@ -112,7 +114,18 @@ def check_writable(folder: str | Path, flag: str = "--output_dir") -> Path:
         probe.unlink()
     except OSError as exc:
         raise UserError(f"{flag} {folder}: cannot write there ({exc.strerror or exc})") from None
+    if created is not None:
+        created.extend(missing)  # deepest first
     return folder
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove folders (deepest first) that a failed run created and left empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (a run started there), or already gone
+            return
 
 
 def next_run_dir(output_dir: Path) -> Path:
@@ -486,8 +499,12 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, typed: set[str] = frozenset(
     """Run a training job end to end; returns the run folder."""
     buffer = _BufferHandler()
     log.addHandler(buffer)
+    created: list[Path] = []
     try:
-        return _train(cfg, model_cfg, set(typed), buffer)
+        return _train(cfg, model_cfg, set(typed), buffer, created)
+    except BaseException:
+        remove_if_empty(created)  # a failed command leaves no new, empty output folder behind
+        raise
     finally:
         log.removeHandler(buffer)
         for handler in [h for h in log.handlers if getattr(h, "_ocec_run_log", False)]:
@@ -495,7 +512,9 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, typed: set[str] = frozenset(
             handler.close()
 
 
-def _train(cfg: TrainConfig, model_cfg: ModelConfig, typed: set[str], buffer: _BufferHandler) -> Path:
+def _train(
+    cfg: TrainConfig, model_cfg: ModelConfig, typed: set[str], buffer: _BufferHandler, created: list[Path]
+) -> Path:
     cfg.validate()
     check_optional(cfg.tensorboard, cfg.save_diagnostics)
     device = resolve_device(cfg.device)
@@ -514,7 +533,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, typed: set[str], buffer: _B
             f" step {resume_raw['step']}" if resume_raw.get("step") else "",
         )
     else:
-        output_dir = check_writable(cfg.output_dir)
+        output_dir = check_writable(cfg.output_dir, created=created)
         if cfg.pretrain:
             snapshot, why = choose_best(cfg.pretrain)
             log.info("pretrain: chose %s", why)
