@@ -271,7 +271,9 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def merge_pretrained_config(checkpoint: ModelConfig, given: ModelConfig, typed: set[str]) -> ModelConfig:
+def merge_pretrained_config(
+    checkpoint: ModelConfig, given: ModelConfig, typed: set[str], flag: str = "--pretrain"
+) -> ModelConfig:
     """Model config of a fine-tune: the checkpoint's structure, the user's typed non-structural choices.
 
     A structural flag typed with a value other than the checkpoint's is an error listing every mismatch,
@@ -296,7 +298,7 @@ def merge_pretrained_config(checkpoint: ModelConfig, given: ModelConfig, typed: 
                 mismatches.append(f"{name}: checkpoint={getattr(checkpoint, name)}, given={getattr(given, name)}")
     if mismatches:
         raise UserError(
-            "--pretrain: the checkpoint's architecture differs from the flags given: " + "; ".join(mismatches)
+            f"{flag}: the checkpoint's architecture differs from the flags given: " + "; ".join(mismatches)
         )
     merged = ModelConfig.from_dict(checkpoint.to_dict())
     merged.margin_method = margin_method

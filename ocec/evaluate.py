@@ -41,18 +41,24 @@ def load_for_inference(
     return model.to(device).eval(), snap
 
 
-def _split_of(snap: Snapshot, data_root: str, split: str, num_workers: int, cache_dir) -> Split:
+def _split_of(snap: Snapshot, data_root: str, split: str, num_workers: int, cache_dir, loaded: dict) -> Split:
+    """The split the checkpoint is judged on, split as its run split the data. `loaded` keeps datasets already
+    read (compare evaluates several runs on one dataset: read and decode it once per image size and split)."""
     train_cfg = (snap.raw or {}).get("train_config") or {}
     ratios = tuple(train_cfg.get(k, d) for k, d in (("train_ratio", 0.8), ("val_ratio", 0.1), ("test_ratio", 0.1)))
-    data = load_dataset(
-        data_root,
-        snap.model_config.image_size,
-        ratios=ratios,
-        seed=train_cfg.get("seed", 42),
-        num_workers=num_workers,
-        cache_dir=cache_dir,
-        name="eval",
-    )
+    seed = train_cfg.get("seed", 42)
+    key = (snap.model_config.image_size, ratios, seed)
+    if key not in loaded:
+        loaded[key] = load_dataset(
+            data_root,
+            snap.model_config.image_size,
+            ratios=ratios,
+            seed=seed,
+            num_workers=num_workers,
+            cache_dir=cache_dir,
+            name="eval",
+        )
+    data = loaded[key]
     if split == "all":
         parts = [s for s in data.splits.values() if len(s)]
         if not parts:
@@ -74,10 +80,12 @@ def evaluate_checkpoint(
     num_workers: int = 0,
     cache_dir=None,
     threshold: float = 0.5,
+    loaded: dict | None = None,
 ) -> dict:
     dev = resolve_device(device)
     model, snap = load_for_inference(checkpoint, dev)
-    data = _split_of(snap, data_root, split, num_workers, default_cache_dir() if cache_dir is None else cache_dir)
+    cache = default_cache_dir() if cache_dir is None else cache_dir
+    data = _split_of(snap, data_root, split, num_workers, cache, {} if loaded is None else loaded)
     logits, embeddings = predict_split(model, data.images, batch_size, dev)
     return report_predictions(snap, data, logits, embeddings, threshold)
 
@@ -221,9 +229,10 @@ def compare_runs(
         out, lines = plot_runs(drawable, Path(plot))
         log.info("plot: %s (%d lines)", out, lines)
     if data_root:
+        loaded: dict = {}
         for record in records:
             result = evaluate_checkpoint(
-                [record["best_checkpoint"]], data_root, split, batch_size, device, num_workers, cache_dir
+                [record["best_checkpoint"]], data_root, split, batch_size, device, num_workers, cache_dir, loaded=loaded
             )
             record["data_f1"] = result["overall"]["f1"]
             record["data_roc_auc"] = result["overall"]["roc_auc"]

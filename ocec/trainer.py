@@ -21,6 +21,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -255,8 +256,8 @@ def require_finite(logits: torch.Tensor, what: str, why: str = "the weights hold
         raise UserError(f"{what}: outputs are not finite: {why}")
 
 
-def evaluate_split(model, split: Split, batch_size, device, amp_dtype, desc="val") -> dict:
-    """Margin-free BCE loss, the classification report and the Fisher ratio of one split."""
+def evaluate_split(model, split: Split, batch_size, device, amp_dtype, desc="val") -> tuple[dict, np.ndarray]:
+    """Margin-free BCE loss, the classification report and the Fisher ratio of one split, and its probabilities."""
     images = split.images
     logits, embeddings = predict_split(model, images, batch_size, device, amp_dtype, desc)
     require_finite(
@@ -268,8 +269,7 @@ def evaluate_split(model, split: Split, batch_size, device, amp_dtype, desc="val
     loss = float(F.binary_cross_entropy_with_logits(logits, labels.float())) if len(labels) else float("nan")
     report = {"loss": loss, **binary_report(labels.numpy(), torch.sigmoid(logits).numpy())}
     report["fisher"] = fisher_ratio(embeddings, labels)
-    report["_probs"] = torch.sigmoid(logits).numpy()
-    return report
+    return report, torch.sigmoid(logits).numpy()
 
 
 # --- one epoch ---------------------------------------------------------------------------------------
@@ -374,11 +374,10 @@ def train_one_epoch(
     params = list(model.parameters())
     bar = progress(total=n_steps, initial=state.step, desc=f"epoch {epoch}", unit="step")
     order = order.to(run.pool_images.device)
-    labels_on_pool = run.pool_labels.to(run.pool_images.device)
     while state.step < n_steps:
         idx = order[state.step * cfg.batch_size : (state.step + 1) * cfg.batch_size]
         x = augment_batch(to_float(run.pool_images[idx], device), cfg.augment, aug_gen)
-        y = labels_on_pool[idx].to(device, non_blocking=True)
+        y = run.pool_labels[idx].to(device, non_blocking=True)
         with autocast(device, run.amp_dtype):
             loss, logit = model.margin_head.training_loss(model.embed(x), y, run.class_weight)
         run.optimizer.zero_grad(set_to_none=True)
@@ -438,10 +437,7 @@ def _resume_config(path: Path, cfg: TrainConfig, model_cfg: ModelConfig, typed: 
         )
     saved_model = ModelConfig.from_dict(raw["model_config"])
     saved_train = TrainConfig.from_dict(raw["train_config"])
-    try:
-        merge_pretrained_config(saved_model, model_cfg, typed - {"margin_method", "dropout"})
-    except UserError as exc:
-        raise UserError(str(exc).replace("--pretrain", "--resume", 1)) from None
+    merge_pretrained_config(saved_model, model_cfg, typed - {"margin_method", "dropout"}, "--resume")
     if "margin_method" in typed and model_cfg.margin_method != saved_model.margin_method:
         raise UserError(
             f"--resume: margin_method: checkpoint={saved_model.margin_method}, given={model_cfg.margin_method}"
@@ -595,6 +591,7 @@ def _train(
     _attach_run_log(run_dir, buffer)
     remove_stale_temporaries(run_dir)
 
+    pool_images = place_images(pool_images, device)
     run = Run(
         cfg,
         model_cfg,
@@ -604,8 +601,8 @@ def _train(
         schedule,
         scaler,
         amp_dtype,
-        place_images(pool_images, device),
-        pool_labels,
+        pool_images,
+        pool_labels.to(pool_images.device),  # indexed by the same batch indices, once per step
         None if class_weight is None else class_weight.to(device),
         run_dir,
         CheckpointKeeper(run_dir, cfg.keep_last, cfg.keep_best),
@@ -786,11 +783,11 @@ def _end_epoch(
     metrics = {"train": train_metrics}
     val_probs = None
     if val_split is not None:
-        metrics["val"] = evaluate_split(run.model, val_split, cfg.batch_size, run.device, run.amp_dtype)
-        val_probs = metrics["val"].pop("_probs")
+        metrics["val"], val_probs = evaluate_split(run.model, val_split, cfg.batch_size, run.device, run.amp_dtype)
     if extra is not None:
-        metrics["extra_val"] = evaluate_split(run.model, extra, cfg.batch_size, run.device, run.amp_dtype, "extra_val")
-        metrics["extra_val"].pop("_probs")
+        metrics["extra_val"], _ = evaluate_split(
+            run.model, extra, cfg.batch_size, run.device, run.amp_dtype, "extra_val"
+        )
     source = "val" if val_split is not None else "train"
     score = metrics[source]["f1"]
     plateau_value = metrics[source]["loss" if cfg.plateau_metric == "val_loss" else "f1"]

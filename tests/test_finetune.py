@@ -19,6 +19,16 @@ from ocec.synth import write_synthetic
 TRAIN_ONLY = "--batch_size 32 --num_workers 0 --warmup_epochs 0 --device cpu".split()
 
 
+@pytest.fixture
+def finetune(train, data_a, trained_run, tmp_path):
+    """A tiny CPU fine-tune of `trained_run` on dataset A into tmp_path: finetune(epochs, *extra_flags)."""
+
+    def run(epochs, *extra):
+        return train(data_a, tmp_path, epochs, *TRAIN_ONLY, "--pretrain", trained_run, *extra)
+
+    return run
+
+
 def _chosen(run_dir):
     return json.loads((run_dir / "config.json").read_text())["pretrain"]["path"]
 
@@ -49,10 +59,8 @@ def test_pretrain_picks_the_highest_f1_candidate(ocec, data_a, candidates, tmp_p
     assert "highest F1 0.9000 among 3 candidates" in result.out
 
 
-def test_pretrain_starts_a_fresh_run_with_the_checkpoint_architecture(ocec, data_a, trained_run, tmp_path):
-    result = ocec(
-        "train", "--data_root", data_a, "--output_dir", tmp_path, "--epochs", 1, *TRAIN_ONLY, "--pretrain", trained_run
-    )
+def test_pretrain_starts_a_fresh_run_with_the_checkpoint_architecture(finetune, tmp_path):
+    result = finetune(1)
     assert result.code == 0, result.err
     run = only_run(tmp_path)
     model = json.loads((run / "config.json").read_text())["model"]
@@ -148,19 +156,8 @@ def test_freeze_backbone_keeps_weights_and_bn_statistics_while_the_head_learns(
     assert not torch.equal(before["margin_head.weight"], after["margin_head.weight"])
 
 
-def test_unfreezing_at_epoch_e_changes_exactly_the_chosen_units(ocec, train, data_a, trained_run, tmp_path):
-    result = train(
-        data_a,
-        tmp_path,
-        2,
-        *TRAIN_ONLY,
-        "--pretrain",
-        trained_run,
-        "--stages",
-        "1:0,2:0.3:5e-4",
-        "--stage_warmup_epochs",
-        0.5,
-    )
+def test_unfreezing_at_epoch_e_changes_exactly_the_chosen_units(ocec, finetune, data_a, trained_run, tmp_path):
+    result = finetune(2, "--stages", "1:0,2:0.3:5e-4", "--stage_warmup_epochs", 0.5)
     assert result.code == 0, result.err
     assert "stage from epoch 2: 1/3 backbone units trainable (features.1)" in result.out
     run = only_run(tmp_path)
@@ -174,44 +171,17 @@ def test_unfreezing_at_epoch_e_changes_exactly_the_chosen_units(ocec, train, dat
     assert rows[1]["lr_backbone"] == pytest.approx(5e-4)  # stage LR reached after its re-warm
 
 
-def test_unfreeze_flags_schedule_the_backbone(ocec, train, data_a, trained_run, tmp_path):
-    result = train(
-        data_a,
-        tmp_path,
-        2,
-        *TRAIN_ONLY,
-        "--pretrain",
-        trained_run,
-        "--freeze_backbone",
-        "--unfreeze_backbone_epoch",
-        2,
-        "--unfreeze_ratio",
-        1.0,
-        "--stage2_lr",
-        2e-4,
+def test_unfreeze_flags_schedule_the_backbone(ocec, finetune, data_a, trained_run, tmp_path):
+    result = finetune(
+        2, "--freeze_backbone", "--unfreeze_backbone_epoch", 2, "--unfreeze_ratio", 1.0, "--stage2_lr", 2e-4
     )
     assert result.code == 0, result.err
     assert [r["trainable_backbone_units"] for r in history(only_run(tmp_path))] == [0, 3]
     assert "3/3 backbone units trainable (stem, features.0, features.1), backbone lr 2.00e-04" in result.out
 
 
-def test_per_group_learning_rates_after_warmup(ocec, train, data_a, trained_run, tmp_path):
-    result = train(
-        data_a,
-        tmp_path,
-        2,
-        *TRAIN_ONLY,
-        "--pretrain",
-        trained_run,
-        "--warmup_epochs",
-        2,
-        "--backbone_lr",
-        1e-4,
-        "--head_lr",
-        5e-4,
-        "--margin_lr",
-        1e-3,
-    )
+def test_per_group_learning_rates_after_warmup(ocec, finetune, data_a, trained_run, tmp_path):
+    result = finetune(2, "--warmup_epochs", 2, "--backbone_lr", 1e-4, "--head_lr", 5e-4, "--margin_lr", 1e-3)
     assert result.code == 0, result.err
     rows = history(only_run(tmp_path))
     assert rows[0]["lr_head"] < 5e-4  # still warming up during epoch 1
@@ -287,8 +257,8 @@ def test_fine_tuning_beats_training_from_scratch_on_shifted_data(ocec, train, tm
     assert finetuned > 0.75
 
 
-def test_resume_of_a_fine_tune_keeps_its_pretrain_record(ocec, train, data_a, trained_run, tmp_path):
-    assert train(data_a, tmp_path, 1, *TRAIN_ONLY, "--pretrain", trained_run).code == 0
+def test_resume_of_a_fine_tune_keeps_its_pretrain_record(ocec, finetune, data_a, trained_run, tmp_path):
+    assert finetune(1).code == 0
     run = only_run(tmp_path)
     result = ocec("train", "--resume", run, "--epochs", 2)
     assert result.code == 0, result.err

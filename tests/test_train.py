@@ -143,6 +143,7 @@ def test_resume_forces_the_checkpoint_architecture(ocec, trained_run):
     result = ocec("train", "--resume", trained_run, "--base_channels", 16, "--epochs", 3)
     assert result.code == 2
     assert "base_channels: checkpoint=8, given=16" in result.err and len(result.err.strip().splitlines()) == 1
+    assert result.err.startswith("ocec train: error: --resume: ")
 
 
 def test_without_val_split_best_is_by_training_f1(ocec, train, tmp_path):
