@@ -31,7 +31,7 @@ from ocec.config import ModelConfig
 from ocec.data import decode_all, read_table
 from ocec.model import build_model
 from ocec.synth import write_synthetic
-from ocec.trainer import epoch_order, to_float
+from ocec.sampling import epoch_order, to_float
 
 SIZE = (32, 64)
 

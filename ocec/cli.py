@@ -1,30 +1,41 @@
-"""Command line: `python -m ocec <command>` (or the `ocec` console script).
+"""Command line: `python -m ocec <command>` (or the `ocec` console script). Every parser is here;
+every handler is in commands.py.
 
-argparse stops here: each command turns its flags into config dataclasses or keyword
-arguments and calls a function. A user mistake (UserError, a bad flag) prints one line on
-stderr and returns 2; `--debug` shows the traceback instead.
+`train`'s options default to "not given" (argparse.SUPPRESS): the parsed namespace is exactly what
+the user set, which `train(**settings)` merges with the defaults or a checkpoint's values. Help
+still shows each default, read from the config dataclasses. A user mistake (UserError, a bad flag)
+prints one line on stderr and returns 2; `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from dataclasses import asdict
 
+from . import commands
 from .config import (
     ARCH_VARIANTS,
+    AUGMENT_LEVELS,
+    BALANCE_MODES,
     HEAD_VARIANTS,
     MARGIN_DEFAULTS,
+    MARGIN_INITS,
     MARGIN_METHODS,
+    PLATEAU_METRICS,
     ModelConfig,
     TrainConfig,
     parse_image_size,
+    parse_stages,
 )
-from .errors import UserError
+from .errors import Interrupted, UserError
+from .runtime import DEVICE_HELP
 
 log = logging.getLogger("ocec")
-DEFAULTS = TrainConfig()
-MODEL_DEFAULTS = ModelConfig()
+TRAIN_DEFAULTS = {**asdict(ModelConfig()), **asdict(TrainConfig())}
+SPLITS = ("train", "val", "test", "all")
 
 
 class Parser(argparse.ArgumentParser):
@@ -35,133 +46,105 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's help ends with its default ('off' for switches, 'none' for unset values)."""
+    """Every option's help ends with its default ('off' for switches, 'none' for unset values);
+    `train`'s suppressed defaults are read from the config dataclasses."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or not action.option_strings or action.default is argparse.SUPPRESS:
+        if "default" in text or not action.option_strings or action.dest == "help":
             return text
-        if action.nargs == 0:  # --help and switches
-            return text if action.dest == "help" else text + " (default: off)"
-        if action.default is None:
+        default = TRAIN_DEFAULTS.get(action.dest) if action.default is argparse.SUPPRESS else action.default
+        if action.nargs == 0:
+            return text + " (default: off)"
+        if default is None or default == []:
             return text + " (default: none)"
-        if isinstance(action.default, tuple) and len(action.default) == 2:
-            return text + f" (default: {action.default[0]}x{action.default[1]})"
-        return text + " (default: %(default)s)"
+        if isinstance(default, tuple) and len(default) == 2:
+            return text + f" (default: {default[0]}x{default[1]})"
+        return text + f" (default: {default})"
 
 
-def _image_size(text: str) -> tuple[int, int]:
-    try:
-        return parse_image_size(text)
-    except UserError as exc:
-        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+def _argument_type(parse):
+    """A parser raising UserError('--flag: why') as an argparse type (argparse names the flag itself)."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except UserError as exc:
+            raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
-def _add_train(sub) -> Parser:
+def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train from scratch, fine-tune (--pretrain) or resume (--resume)",
         formatter_class=HelpFormatter,
+        argument_default=argparse.SUPPRESS,
         description="Train an open/closed-eye classifier on parquet data.",
     )
-    d = DEFAULTS
     g = p.add_argument_group("data")
     g.add_argument("--data_root", help="a .parquet file or a folder of parquet files (required unless --resume)")
-    g.add_argument("--output_dir", default=d.output_dir, help="runs go to the next free <output_dir>/vN")
+    g.add_argument("--output_dir", help="runs go to the next free <output_dir>/vN")
+    for split in ("train", "val", "test"):
+        g.add_argument(f"--{split}_ratio", type=float, help=f"share of rows for {split} when there is no split column")
     g.add_argument(
-        "--train_ratio", type=float, default=d.train_ratio, help="share of rows for train when there is no split column"
+        "--image_size", type=_argument_type(parse_image_size), metavar="N|HxW", help="input size, e.g. 48 or 32x64"
     )
-    g.add_argument(
-        "--val_ratio", type=float, default=d.val_ratio, help="share of rows for val when there is no split column"
-    )
-    g.add_argument(
-        "--test_ratio", type=float, default=d.test_ratio, help="share of rows for test when there is no split column"
-    )
-    g.add_argument(
-        "--image_size",
-        type=_image_size,
-        default=MODEL_DEFAULTS.image_size,
-        metavar="N|HxW",
-        help="input size, e.g. 48 or 32x64",
-    )
-    g.add_argument(
-        "--num_workers", type=int, default=d.num_workers, help="processes that decode images (once; then cached)"
-    )
-    g.add_argument("--cache_dir", default=None, help="decoded-image cache (default: $OCEC_CACHE_DIR or ~/.cache/ocec)")
+    g.add_argument("--num_workers", type=int, help="processes that decode images (once; then cached)")
+    g.add_argument("--cache_dir", help="decoded-image cache (default: $OCEC_CACHE_DIR or ~/.cache/ocec)")
     g.add_argument("--no_cache", action="store_true", help="decode every run, write no cache")
     g.add_argument(
-        "--max_bad_fraction",
-        type=float,
-        default=d.max_bad_fraction,
-        help="stop if more than this share of images cannot be read (they are skipped otherwise)",
+        "--max_bad_fraction", type=float, help="stop if more than this share of images cannot be read (else skipped)"
     )
-    g.add_argument(
-        "--augment", choices=("none", "light", "default"), default=d.augment, help="batched augmentation level"
-    )
+    g.add_argument("--augment", choices=AUGMENT_LEVELS, help="batched augmentation level")
     g.add_argument(
         "--balance",
-        choices=("none", "pos_weight", "sampler"),
-        default=d.balance,
+        choices=BALANCE_MODES,
         help="class imbalance: loss weights (pos_weight), class-balanced sampling (sampler) or none",
     )
-    g.add_argument("--mix_data_root", default=None, help="a second dataset (e.g. A) mixed into every training epoch")
-    g.add_argument(
-        "--mix_ratio", type=float, default=d.mix_ratio, help="share of each epoch drawn from --mix_data_root"
-    )
+    g.add_argument("--mix_data_root", help="a second dataset (e.g. A) mixed into every training epoch")
+    g.add_argument("--mix_ratio", type=float, help="share of each epoch drawn from --mix_data_root")
     g.add_argument(
         "--extra_val_root",
-        default=None,
         help="also evaluate this dataset's val split each epoch (logged as extra_val_f1; not used for selection)",
     )
 
     g = p.add_argument_group("model")
-    g.add_argument("--arch_variant", choices=ARCH_VARIANTS, default=MODEL_DEFAULTS.arch_variant, help="backbone")
+    g.add_argument("--arch_variant", choices=ARCH_VARIANTS, help="backbone")
     g.add_argument(
-        "--head_variant",
-        choices=HEAD_VARIANTS,
-        default=MODEL_DEFAULTS.head_variant,
-        help="embedding head (auto: avg for baseline, avgmax_mlp otherwise)",
+        "--head_variant", choices=HEAD_VARIANTS, help="embedding head (auto: avg for baseline, else avgmax_mlp)"
     )
-    g.add_argument("--base_channels", type=int, default=MODEL_DEFAULTS.base_channels, help="channels after the stem")
-    g.add_argument("--num_blocks", type=int, default=MODEL_DEFAULTS.num_blocks, help="backbone blocks")
-    g.add_argument("--dropout", type=float, default=MODEL_DEFAULTS.dropout, help="dropout in the head")
+    g.add_argument("--base_channels", type=int, help="channels after the stem")
+    g.add_argument("--num_blocks", type=int, help="backbone blocks")
+    g.add_argument("--dropout", type=float, help="dropout in the head")
     g.add_argument(
-        "--margin_method",
-        choices=MARGIN_METHODS,
-        default=MODEL_DEFAULTS.margin_method,
-        help="classifier: none (one logit, BCE) or a cosine margin head (cross-entropy)",
+        "--margin_method", choices=MARGIN_METHODS, help="classifier: none (one logit, BCE) or a cosine margin head"
     )
-    g.add_argument("--margin_s", type=float, default=None, help="margin head scale (default: 8)")
-    g.add_argument("--margin_m", type=float, default=None, help="margin (default: 0.35 cosface, 0.2 arcface)")
+    margins = ", ".join(f"{m} {s:g}/{mm:g}" for m, (s, mm) in MARGIN_DEFAULTS.items() if m != "none")
+    g.add_argument("--margin_s", type=float, help=f"margin head scale (default per method, s/m: {margins})")
+    g.add_argument("--margin_m", type=float, help="margin (default per method, see --margin_s)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="total epochs (also the target when resuming)")
-    g.add_argument("--batch_size", type=int, default=d.batch_size, help="images per step")
-    g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate of every group not set below")
-    g.add_argument("--backbone_lr", type=float, default=None, help="learning rate of the backbone (default: --lr)")
-    g.add_argument("--head_lr", type=float, default=None, help="learning rate of the head (default: --lr)")
-    g.add_argument("--margin_lr", type=float, default=None, help="learning rate of the margin head (default: --lr)")
+    g.add_argument("--epochs", type=int, help="total epochs (also the target when resuming)")
+    g.add_argument("--batch_size", type=int, help="images per step")
+    g.add_argument("--lr", type=float, help="AdamW learning rate of every group not set below")
+    g.add_argument("--backbone_lr", type=float, help="learning rate of the backbone (default: --lr)")
+    g.add_argument("--head_lr", type=float, help="learning rate of the head (default: --lr)")
+    g.add_argument("--margin_lr", type=float, help="learning rate of the margin head (default: --lr)")
+    g.add_argument("--weight_decay", type=float, help="AdamW weight decay (not on norms/biases)")
+    g.add_argument("--warmup_epochs", type=float, help="linear warmup, per step; 0 disables")
     g.add_argument(
-        "--weight_decay", type=float, default=d.weight_decay, help="AdamW weight decay (not on norms/biases)"
+        "--plateau_metric", choices=PLATEAU_METRICS, help="what the plateau scheduler watches (train split without val)"
     )
-    g.add_argument("--warmup_epochs", type=float, default=d.warmup_epochs, help="linear warmup, per step; 0 disables")
-    g.add_argument(
-        "--plateau_metric",
-        choices=("val_loss", "val_f1"),
-        default=d.plateau_metric,
-        help="what the plateau scheduler watches (train split when there is no val)",
-    )
-    g.add_argument("--plateau_factor", type=float, default=d.plateau_factor, help="LR multiplier on a plateau")
-    g.add_argument(
-        "--plateau_patience", type=int, default=d.plateau_patience, help="epochs without improvement before reducing"
-    )
-    g.add_argument("--min_lr", type=float, default=d.min_lr, help="floor for plateau reductions")
-    g.add_argument("--grad_clip", type=float, default=d.grad_clip, help="clip the gradient norm to this; 0 disables")
-    g.add_argument(
-        "--max_bad_steps", type=int, default=d.max_bad_steps, help="stop after this many consecutive non-finite steps"
-    )
-    g.add_argument("--seed", type=int, default=d.seed, help="seeds splits, init, sampling, augmentation, dropout")
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--plateau_factor", type=float, help="LR multiplier on a plateau")
+    g.add_argument("--plateau_patience", type=int, help="epochs without improvement before reducing")
+    g.add_argument("--min_lr", type=float, help="floor for plateau reductions (never raises a lower rate)")
+    g.add_argument("--grad_clip", type=float, help="clip the gradient norm to this; 0 disables")
+    g.add_argument("--max_bad_steps", type=int, help="stop after this many consecutive non-finite steps")
+    g.add_argument("--seed", type=int, help="seeds splits, init, sampling, augmentation, dropout")
+    g.add_argument("--device", help=DEVICE_HELP)
     g.add_argument("--use_amp", action="store_true", help="mixed precision: fp16+GradScaler on CUDA, bf16 on CPU")
 
     g = p.add_argument_group("fine-tuning")
@@ -175,119 +158,147 @@ def _add_train(sub) -> Parser:
     g.add_argument("--reinit_head", action="store_true", help="re-initialise the head and margin head after --pretrain")
     g.add_argument(
         "--margin_init",
-        choices=("auto", "random", "from_linear"),
-        default=d.margin_init,
+        choices=MARGIN_INITS,
         help="a new cosface/arcface head: random, or along the old one-logit classifier (auto: when there is one)",
     )
-    g.add_argument(
-        "--freeze_backbone", action="store_true", help="train only the head and margin head (BN statistics frozen too)"
-    )
-    g.add_argument("--unfreeze_backbone_epoch", type=int, default=None, help="epoch at which to unfreeze the backbone")
+    g.add_argument("--freeze_backbone", action="store_true", help="train only the head and margin head (BN frozen too)")
+    g.add_argument("--unfreeze_backbone_epoch", type=int, help="epoch at which to unfreeze the backbone")
     g.add_argument(
         "--unfreeze_ratio",
         type=float,
-        default=d.unfreeze_ratio,
-        help="share of backbone units (from the output side, stem last) unfrozen then",
+        help="share of backbone units (from the output side, stem last) unfrozen then (default: 1.0)",
     )
-    g.add_argument(
-        "--stage2_lr", type=float, default=None, help="backbone learning rate from --unfreeze_backbone_epoch on"
-    )
+    g.add_argument("--stage2_lr", type=float, help="backbone learning rate from --unfreeze_backbone_epoch on")
     g.add_argument(
         "--stages",
-        default=None,
+        type=_argument_type(parse_stages),
         metavar="E:F[:LR],...",
         help="general staged unfreezing: from epoch E train the last fraction F of the backbone at LR, "
         "e.g. 1:0:1e-4,11:0.5:3e-5,40:1:1.5e-5",
     )
     g.add_argument(
-        "--stage_warmup_epochs",
-        type=float,
-        default=d.stage_warmup_epochs,
-        help="the backbone warms up again for this long at each later stage",
+        "--stage_warmup_epochs", type=float, help="the backbone warms up again for this long at each later stage"
     )
 
     g = p.add_argument_group("outputs")
-    g.add_argument("--keep_last", type=int, default=d.keep_last, help="epoch checkpoints kept")
-    g.add_argument("--keep_best", type=int, default=d.keep_best, help="best checkpoints kept")
+    g.add_argument("--keep_last", type=int, help="epoch checkpoints kept")
+    g.add_argument("--keep_best", type=int, help="best checkpoints kept")
     g.add_argument(
-        "--save_diagnostics", action="store_true", help="confusion matrix and ROC PNGs per epoch (needs ocec[plot])"
+        "--save_diagnostics", action="store_true", help="confusion matrix and ROC PNGs per epoch (ocec[plot])"
     )
     g.add_argument("--tensorboard", action="store_true", help="log scalars for TensorBoard (needs ocec[tensorboard])")
-    p.set_defaults(handler=run_train)
-    return p
+    p.set_defaults(handler=commands.run_train)
 
 
-def _common(p: Parser) -> None:
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write a synthetic eye-crop parquet dataset", formatter_class=HelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (dataset.parquet, or part-NNN.parquet shards)")
+    p.add_argument("--rows", type=int, default=1000, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--style", choices=("a", "b"), default="a", help="a: colour photos; b: shifted infrared-like domain")
+    p.add_argument("--shards", type=int, default=1, help="number of parquet files")
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="processes that render images")
+    p.add_argument("--no_split", action="store_true", help="omit the split column (ocec then makes a seeded split)")
+    p.add_argument(
+        "--image_files",
+        action="store_true",
+        help="write PNG files next to the parquet and reference them by image_path instead of image_bytes",
+    )
+    p.set_defaults(handler=commands.run_synth)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="synthesise A and B, train A, then scratch vs fine-tune on B", formatter_class=HelpFormatter
+    )
+    p.add_argument("--out", default="runs/demo", help="folder for data, cache and runs")
+    p.add_argument("--rows_a", type=int, default=3000, help="images in dataset A")
+    p.add_argument("--rows_b", type=int, default=1200, help="images in dataset B")
+    p.add_argument("--epochs_a", type=int, default=6, help="epochs for model A")
+    p.add_argument("--epochs_b", type=int, default=4, help="epochs for each run on B (same budget)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.set_defaults(handler=commands.run_demo)
+
+
+def _checkpoint_flag(p, help_text="checkpoint file(s), a glob or a run folder (the highest-F1 candidate is used)"):
+    p.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT", help=help_text)
+
+
+def _inference_flags(p, data: bool = True) -> None:
+    p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    if data:
+        p.add_argument("--num_workers", type=int, default=0, help="processes that decode images (once; then cached)")
+        p.add_argument("--cache_dir", help="decoded-image cache (default: $OCEC_CACHE_DIR or ~/.cache/ocec)")
+        p.add_argument("--no_cache", action="store_true", help="decode every time, write no cache")
+        p.add_argument(
+            "--max_bad_fraction",
+            type=float,
+            default=TrainConfig.max_bad_fraction,
+            help="stop if more than this share of images cannot be read (else skipped)",
+        )
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="metrics of a checkpoint on a dataset, overall and per source", formatter_class=HelpFormatter
+    )
+    _checkpoint_flag(p)
+    p.add_argument("--data_root", required=True, help="a .parquet file or a folder of parquet files")
+    p.add_argument("--split", choices=SPLITS, default="val", help="which split to evaluate")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for 'open'")
+    _inference_flags(p)
+    p.add_argument("--json", metavar="OUT", help="also write the full report as JSON")
+    p.set_defaults(handler=commands.run_eval)
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="runs side by side; optionally evaluated on one dataset and plotted",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_CKPT", help="run folders (vN) or checkpoint files")
+    p.add_argument("--data_root", help="evaluate every run's best checkpoint on this dataset too (one split for all)")
+    p.add_argument("--split", choices=SPLITS, default="val", help="split used with --data_root")
+    p.add_argument("--plot", metavar="OUT.png", help="val F1, losses and LR per epoch of every run (needs ocec[plot])")
+    p.add_argument("--json", metavar="OUT", help="also write the table as JSON")
+    _inference_flags(p)
+    p.set_defaults(handler=commands.run_compare)
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="probability of 'open' for image files", formatter_class=HelpFormatter)
+    _checkpoint_flag(p, "checkpoint file(s) or a run folder")
+    p.add_argument(
+        "--inputs", nargs="+", required=True, metavar="PATH", help="image files or folders (searched recursively)"
+    )
+    p.add_argument("--output", metavar="CSV", help="write path,prob_open,label rows here (default: print them)")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for 'open'")
+    _inference_flags(p, data=False)
+    p.set_defaults(handler=commands.run_predict)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", aliases=["exportonnx"], help="write ONNX (default) or safetensors", formatter_class=HelpFormatter
+    )
+    _checkpoint_flag(p, "checkpoint file(s) or a run folder")
+    p.add_argument("--output", required=True, help="output file (.onnx or .safetensors)")
+    p.add_argument("--format", choices=("onnx", "safetensors"), default="onnx", help="what to write")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    p.set_defaults(handler=commands.run_export)
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="ocec", description="Train and fine-tune tiny open/closed-eye classifiers.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
-    _add_train(sub)
-    from . import commands
-
-    commands.add_parsers(sub, HelpFormatter)
-    for p in _unique_parsers(parser):
-        _common(p)
+    for add in (_add_train, _add_synth, _add_demo, _add_eval, _add_compare, _add_predict, _add_export):
+        add(sub)
+    for p in {id(p): p for p in sub.choices.values()}.values():  # aliases share one parser
+        p.add_argument("--debug", action="store_true", default=False, help="show tracebacks for errors")
     return parser
-
-
-def _unique_parsers(parser: Parser) -> list[Parser]:
-    """Each subcommand's parser once (aliases share one)."""
-    choices = parser._subparsers._group_actions[0].choices
-    return list({id(p): p for p in choices.values()}.values())
-
-
-def typed_flags(parser: Parser, argv: list[str]) -> set[str]:
-    """Names of the options the user actually typed (a default typed explicitly counts as typed)."""
-    saved = []
-    for p in _unique_parsers(parser):
-        for action in p._actions:
-            saved.append((action, action.default))
-            action.default = argparse.SUPPRESS
-    try:
-        namespace = parser.parse_args(argv)
-    finally:
-        for action, default in saved:
-            action.default = default
-    return set(vars(namespace)) - {"command", "handler"}
-
-
-def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig]:
-    margin_s, margin_m = MARGIN_DEFAULTS[args.margin_method]
-    model_cfg = ModelConfig(
-        arch_variant=args.arch_variant,
-        base_channels=args.base_channels,
-        num_blocks=args.num_blocks,
-        head_variant=args.head_variant,
-        dropout=args.dropout,
-        margin_method=args.margin_method,
-        margin_s=margin_s if args.margin_s is None else args.margin_s,
-        margin_m=margin_m if args.margin_m is None else args.margin_m,
-        image_size=args.image_size,
-    )
-    fields = set(vars(TrainConfig()))
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    values["pretrain"] = list(args.pretrain or [])
-    values["cache_dir"] = "" if args.no_cache else args.cache_dir
-    return TrainConfig(**values), model_cfg
-
-
-def run_train(args: argparse.Namespace, typed: set[str]) -> int:
-    from .trainer import train
-
-    if not args.data_root and not args.resume:
-        raise UserError("--data_root is required (unless --resume)")
-    if args.pretrain and args.resume:
-        raise UserError("--pretrain and --resume exclude each other (--resume continues a run with its own weights)")
-    cfg, model_cfg = configs_from_args(args)
-    if "no_cache" in typed:
-        typed = typed | {"cache_dir"}
-    if not args.resume:
-        model_cfg.validate()
-    train(cfg, model_cfg, typed)
-    return 0
 
 
 def setup_logging() -> None:
@@ -304,17 +315,13 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-        typed = typed_flags(parser, argv)
+        args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse already printed its one line (or --help)
         return int(exc.code or 0)
     setup_logging()
-    from .trainer import Interrupted
-
     try:
-        return int(args.handler(args, typed) or 0)
+        return int(args.handler(args) or 0)
     except UserError as exc:
         if args.debug:
             raise

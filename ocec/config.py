@@ -1,27 +1,49 @@
-"""Configuration dataclasses: where defaults live, how values are validated and serialised.
+"""Configuration dataclasses: where every default lives, how values are validated and serialised,
+and how a run's settings merge with a checkpoint's (`--pretrain`, `--resume`).
 
 `ModelConfig` is everything needed to rebuild a model (it travels inside every checkpoint);
-`TrainConfig` is everything else a training run needs. Both convert to and from plain
-dicts so checkpoints stay `weights_only=True`-safe.
+`TrainConfig` is everything else a training run needs. Both convert to and from plain dicts so
+checkpoints stay `weights_only=True`-safe. "Settings" are what a caller set explicitly (the CLI's
+parsed flags, or `train(**settings)`): unset fields take the defaults here, or a checkpoint's values.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
+from .augment import LEVELS as AUGMENT_LEVELS
 from .errors import UserError
 
 ARCH_VARIANTS = ("baseline", "inverted_se", "convnext")
 HEAD_VARIANTS = ("auto", "avg", "avgmax_mlp")
 MARGIN_METHODS = ("none", "arcface", "cosface")
 AUTO_HEAD = {"baseline": "avg", "inverted_se": "avgmax_mlp", "convnext": "avgmax_mlp"}
-MARGIN_DEFAULTS = {"cosface": (8.0, 0.35), "arcface": (8.0, 0.2), "none": (8.0, 0.0)}
+MARGIN_DEFAULTS = {"cosface": (8.0, 0.35), "arcface": (8.0, 0.2), "none": (8.0, 0.0)}  # (scale s, margin m)
+PLATEAU_METRICS = ("val_loss", "val_f1")
+BALANCE_MODES = ("none", "pos_weight", "sampler")
+MARGIN_INITS = ("auto", "random", "from_linear")
 
 # Settings that change what the weights mean: a pretrained checkpoint dictates them.
 STRUCTURAL_FIELDS = ("arch_variant", "base_channels", "num_blocks", "head_variant", "image_size", "mean", "std")
-MARGIN_FIELDS = ("margin_s", "margin_m")
+# Flags that may change when a run is resumed (where data lives, how to run it, how long); everything
+# that shapes the training itself comes from the checkpoint.
+RESUME_OVERRIDABLE = (
+    "epochs",
+    "device",
+    "num_workers",
+    "cache_dir",
+    "no_cache",
+    "keep_last",
+    "keep_best",
+    "max_bad_steps",
+    "save_diagnostics",
+    "tensorboard",
+    "data_root",
+    "mix_data_root",
+    "extra_val_root",
+)
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
@@ -44,8 +66,8 @@ class ModelConfig:
     head_variant: str = "auto"
     dropout: float = 0.3
     margin_method: str = "cosface"
-    margin_s: float = 8.0
-    margin_m: float = 0.35
+    margin_s: float | None = None  # None: the method's default (MARGIN_DEFAULTS)
+    margin_m: float | None = None
     image_size: tuple[int, int] = (32, 64)
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -56,18 +78,18 @@ class ModelConfig:
         self.image_size = tuple(int(v) for v in self.image_size)
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
+        default_s, default_m = MARGIN_DEFAULTS.get(self.margin_method, MARGIN_DEFAULTS["cosface"])
+        self.margin_s = default_s if self.margin_s is None else float(self.margin_s)
+        self.margin_m = default_m if self.margin_m is None else float(self.margin_m)
 
     @property
     def resolved_head(self) -> str:
         return AUTO_HEAD[self.arch_variant] if self.head_variant == "auto" else self.head_variant
 
     def validate(self) -> "ModelConfig":
-        if self.arch_variant not in ARCH_VARIANTS:
-            raise UserError(f"--arch_variant: {self.arch_variant!r} is not one of {', '.join(ARCH_VARIANTS)}")
-        if self.head_variant not in HEAD_VARIANTS:
-            raise UserError(f"--head_variant: {self.head_variant!r} is not one of {', '.join(HEAD_VARIANTS)}")
-        if self.margin_method not in MARGIN_METHODS:
-            raise UserError(f"--margin_method: {self.margin_method!r} is not one of {', '.join(MARGIN_METHODS)}")
+        _choice("--arch_variant", self.arch_variant, ARCH_VARIANTS)
+        _choice("--head_variant", self.head_variant, HEAD_VARIANTS)
+        _choice("--margin_method", self.margin_method, MARGIN_METHODS)
         if not 1 <= self.base_channels <= 1024:
             raise UserError(f"--base_channels must be between 1 and 1024, got {self.base_channels}")
         if not 1 <= self.num_blocks <= 32:
@@ -121,7 +143,7 @@ def parse_stages(text: str) -> list[Stage]:
             raise UserError(f"--stages: epoch must be >= 1 in {part!r}")
         if not 0.0 <= fraction <= 1.0:
             raise UserError(f"--stages: unfrozen fraction must be in [0, 1] in {part!r}")
-        if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        if lr is not None and not _positive(lr):
             raise UserError(f"--stages: backbone_lr must be a positive number in {part!r}")
         if stages and epoch <= stages[-1].epoch:
             raise UserError(f"--stages: epochs must increase, {part!r} comes after epoch {stages[-1].epoch}")
@@ -147,7 +169,7 @@ class TrainConfig:
     device: str = "auto"
     use_amp: bool = False
     lr: float = 1e-3
-    backbone_lr: float | None = None
+    backbone_lr: float | None = None  # None: --lr (likewise head_lr, margin_lr)
     head_lr: float | None = None
     margin_lr: float | None = None
     weight_decay: float = 1e-4
@@ -161,7 +183,8 @@ class TrainConfig:
     balance: str = "pos_weight"
     keep_last: int = 10
     keep_best: int = 10
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # None: $OCEC_CACHE_DIR or ~/.cache/ocec
+    no_cache: bool = False
     max_bad_fraction: float = 0.01
     max_bad_steps: int = 10
     pretrain: list[str] = field(default_factory=list)
@@ -170,15 +193,20 @@ class TrainConfig:
     margin_init: str = "auto"
     freeze_backbone: bool = False
     unfreeze_backbone_epoch: int | None = None
-    unfreeze_ratio: float = 1.0
+    unfreeze_ratio: float | None = None  # None: 1.0 (only with --unfreeze_backbone_epoch)
     stage2_lr: float | None = None
-    stages: str | None = None
+    stages: list[Stage] | None = None
     stage_warmup_epochs: float = 1.0
     mix_data_root: str | None = None
     mix_ratio: float = 0.0
     extra_val_root: str | None = None
     save_diagnostics: bool = False
     tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        self.pretrain = [str(p) for p in (self.pretrain or [])]
+        if isinstance(self.stages, str):
+            self.stages = parse_stages(self.stages)
 
     @property
     def group_lrs(self) -> dict[str, float]:
@@ -190,12 +218,21 @@ class TrainConfig:
         }
 
     def validate(self) -> "TrainConfig":
-        positive_ints = {"--epochs": self.epochs, "--batch_size": self.batch_size}
-        for flag, value in positive_ints.items():
-            if value < 1:
-                raise UserError(f"{flag} must be a positive integer, got {value}")
+        """Every check of a single flag and between flags, so each way of starting a run gets them."""
+        if self.pretrain and self.resume:
+            raise UserError(
+                "--pretrain and --resume exclude each other (--resume continues a run with its own weights)"
+            )
+        if not self.data_root and not self.resume:
+            raise UserError("--data_root is required (unless --resume)")
+        if self.epochs < 1:
+            raise UserError(f"--epochs must be a positive integer, got {self.epochs}")
+        if self.batch_size < 2:
+            raise UserError(f"--batch_size must be an integer >= 2 (BatchNorm needs two images), got {self.batch_size}")
         if self.num_workers < 0:
             raise UserError(f"--num_workers must be >= 0, got {self.num_workers}")
+        if self.seed < 0:
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
         ratios = {"--train_ratio": self.train_ratio, "--val_ratio": self.val_ratio, "--test_ratio": self.test_ratio}
         for flag, value in ratios.items():
             if not 0.0 <= value <= 1.0:
@@ -204,111 +241,175 @@ class TrainConfig:
             raise UserError("--train_ratio must be > 0")
         if sum(ratios.values()) > 1.0 + 1e-9:
             raise UserError(f"--train_ratio + --val_ratio + --test_ratio must be <= 1, got {sum(ratios.values()):g}")
-        for flag, value in {
-            "--lr": self.lr,
-            "--backbone_lr": self.backbone_lr,
-            "--head_lr": self.head_lr,
-            "--margin_lr": self.margin_lr,
-        }.items():
-            if value is not None and not (value > 0 and math.isfinite(value)):
+        rates = {"--lr": self.lr, "--backbone_lr": self.backbone_lr, "--head_lr": self.head_lr}
+        rates.update({"--margin_lr": self.margin_lr, "--stage2_lr": self.stage2_lr})
+        for flag, value in rates.items():
+            if value is not None and not _positive(value):
                 raise UserError(f"{flag} must be a positive number, got {value}")
-        if self.weight_decay < 0:
-            raise UserError(f"--weight_decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_epochs < 0 or self.stage_warmup_epochs < 0:
-            raise UserError("--warmup_epochs and --stage_warmup_epochs must be >= 0")
+        _at_least("--weight_decay", self.weight_decay, 0)
+        _at_least("--warmup_epochs", self.warmup_epochs, 0)
+        _at_least("--stage_warmup_epochs", self.stage_warmup_epochs, 0)
+        _at_least("--plateau_patience", self.plateau_patience, 0)
+        _at_least("--min_lr", self.min_lr, 0)
+        _at_least("--grad_clip", self.grad_clip, 0)
+        _at_least("--max_bad_steps", self.max_bad_steps, 1)
+        _at_least("--keep_last", self.keep_last, 1)
+        _at_least("--keep_best", self.keep_best, 1)
         if not 0.0 < self.plateau_factor < 1.0:
             raise UserError(f"--plateau_factor must be in (0, 1), got {self.plateau_factor}")
-        if self.plateau_patience < 0:
-            raise UserError(f"--plateau_patience must be >= 0, got {self.plateau_patience}")
-        if self.min_lr < 0:
-            raise UserError(f"--min_lr must be >= 0, got {self.min_lr}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise UserError(f"--max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
-        if self.max_bad_steps < 1:
-            raise UserError(f"--max_bad_steps must be >= 1, got {self.max_bad_steps}")
-        if self.keep_last < 1 or self.keep_best < 1:
-            raise UserError("--keep_last and --keep_best must be >= 1")
+        _choice("--plateau_metric", self.plateau_metric, PLATEAU_METRICS)
+        _choice("--augment", self.augment, AUGMENT_LEVELS)
+        _choice("--balance", self.balance, BALANCE_MODES)
+        _choice("--margin_init", self.margin_init, MARGIN_INITS)
+        self._validate_mixing()
+        self._validate_stages()
+        if not self.pretrain:
+            for flag, used in (("--reinit_head", self.reinit_head), ("--margin_init", self.margin_init != "auto")):
+                if used:
+                    raise UserError(f"{flag} applies to --pretrain weights; without --pretrain it would do nothing")
+        if self.reinit_head and self.margin_init == "from_linear":
+            raise UserError("--margin_init from_linear needs the pretrained head; --reinit_head discards it")
+        return self
+
+    def _validate_mixing(self) -> None:
         if not 0.0 <= self.mix_ratio < 1.0:
             raise UserError(f"--mix_ratio must be in [0, 1), got {self.mix_ratio}")
         if self.mix_ratio > 0 and not self.mix_data_root:
             raise UserError("--mix_ratio needs --mix_data_root (the dataset to mix in)")
         if self.mix_data_root and self.mix_ratio <= 0:
             raise UserError("--mix_data_root needs --mix_ratio > 0 (the share of each epoch drawn from it)")
-        if self.grad_clip < 0:
-            raise UserError(f"--grad_clip must be >= 0, got {self.grad_clip}")
-        if self.stages and (self.freeze_backbone or self.unfreeze_backbone_epoch is not None):
+
+    def _validate_stages(self) -> None:
+        if self.stages is not None and (self.freeze_backbone or self.unfreeze_backbone_epoch is not None):
             raise UserError("--stages replaces --freeze_backbone/--unfreeze_backbone_epoch: give one or the other")
-        if self.unfreeze_backbone_epoch is not None and self.unfreeze_backbone_epoch < 1:
+        if self.unfreeze_backbone_epoch is None:
+            for flag, value in (("--unfreeze_ratio", self.unfreeze_ratio), ("--stage2_lr", self.stage2_lr)):
+                if value is not None:
+                    raise UserError(f"{flag} applies from --unfreeze_backbone_epoch on, which is not set")
+        elif self.unfreeze_backbone_epoch < 1:
             raise UserError(f"--unfreeze_backbone_epoch must be >= 1, got {self.unfreeze_backbone_epoch}")
-        if not 0.0 <= self.unfreeze_ratio <= 1.0:
+        if self.unfreeze_ratio is not None and not 0.0 <= self.unfreeze_ratio <= 1.0:
             raise UserError(f"--unfreeze_ratio must be in [0, 1], got {self.unfreeze_ratio}")
-        if self.stage2_lr is not None and not (self.stage2_lr > 0 and math.isfinite(self.stage2_lr)):
-            raise UserError(f"--stage2_lr must be a positive number, got {self.stage2_lr}")
-        if self.plateau_metric not in ("val_loss", "val_f1"):
-            raise UserError(f"--plateau_metric must be val_loss or val_f1, got {self.plateau_metric}")
-        self.stage_plan()
-        return self
 
     def stage_plan(self) -> list[Stage]:
         """The freezing schedule: --stages, or the simple --freeze_backbone/--unfreeze_backbone_epoch form."""
-        if self.stages:
-            return parse_stages(self.stages)
-        plan = []
-        if self.freeze_backbone or self.unfreeze_backbone_epoch is not None:
+        if self.stages is not None:
+            return list(self.stages)
+        epoch, plan = self.unfreeze_backbone_epoch, []
+        if (self.freeze_backbone or epoch is not None) and epoch != 1:
             plan.append(Stage(1, 0.0, None))
-        if self.unfreeze_backbone_epoch is not None:
-            if self.unfreeze_backbone_epoch == 1:
-                plan = []
-            plan.append(Stage(self.unfreeze_backbone_epoch, self.unfreeze_ratio, self.stage2_lr))
+        if epoch is not None:
+            plan.append(Stage(epoch, 1.0 if self.unfreeze_ratio is None else self.unfreeze_ratio, self.stage2_lr))
         return plan
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self)  # stages become dicts
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if isinstance(values.get("stages"), list):
+            values["stages"] = [Stage(**s) if isinstance(s, dict) else Stage(*s) for s in values["stages"]]
+        if values.get("unfreeze_backbone_epoch") is None:  # written before unfreeze_ratio became optional
+            values["unfreeze_ratio"] = values["stage2_lr"] = None
+        if values.get("cache_dir") == "":  # written before --no_cache became a field
+            values["cache_dir"], values["no_cache"] = None, True
+        return cls(**values)
 
 
-def merge_pretrained_config(
-    checkpoint: ModelConfig, given: ModelConfig, typed: set[str], flag: str = "--pretrain"
-) -> ModelConfig:
-    """Model config of a fine-tune: the checkpoint's structure, the user's typed non-structural choices.
+# --- settings: what the caller set, merged with a checkpoint's configs ------------------------------
 
-    A structural flag typed with a value other than the checkpoint's is an error listing every mismatch,
-    because silently building a different network would load the weights partially or not at all.
+MODEL_FIELDS = frozenset(f.name for f in fields(ModelConfig))
+TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig))
+
+
+def split_settings(settings: dict) -> tuple[dict, dict]:
+    """{flag name: value} -> (TrainConfig fields, ModelConfig fields); an unknown name is a TypeError."""
+    unknown = sorted(set(settings) - MODEL_FIELDS - TRAIN_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown training setting(s): {', '.join(unknown)}")
+    return (
+        {k: v for k, v in settings.items() if k in TRAIN_FIELDS},
+        {k: v for k, v in settings.items() if k in MODEL_FIELDS},
+    )
+
+
+def scratch_model_config(given: dict) -> ModelConfig:
+    _check_margin_flags(given.get("margin_method", ModelConfig.margin_method), given)
+    return ModelConfig(**given).validate()
+
+
+def pretrained_model_config(checkpoint: ModelConfig, given: dict, flag: str = "--pretrain") -> ModelConfig:
+    """The checkpoint's structure with the caller's non-structural choices (dropout, margin method, s, m).
+
+    A structural setting given with a value other than the checkpoint's is an error listing every
+    mismatch, because silently building a different network would load the weights partially or not at all.
     """
+    _refuse_structural_changes(checkpoint, given, flag)
+    method = given.get("margin_method", checkpoint.margin_method)
+    _check_margin_flags(method, given)
+    changes = {k: given[k] for k in ("dropout", "margin_s", "margin_m") if k in given}
+    if method != checkpoint.margin_method:  # a new margin head: the given s and m, else the method's defaults
+        changes.update(margin_method=method, margin_s=given.get("margin_s"), margin_m=given.get("margin_m"))
+    return replace(checkpoint, **changes).validate()
+
+
+def resumed_configs(
+    saved_train: TrainConfig, saved_model: ModelConfig, given_train: dict, given_model: dict
+) -> tuple[TrainConfig, ModelConfig, list[str]]:
+    """The checkpoint's configs with the overridable flags replaced -> (train, model, flags ignored).
+
+    The result describes the run being continued (its `pretrain` record included), not how it was restarted."""
+    _refuse_structural_changes(saved_model, given_model, "--resume")
+    for name in ("margin_method", "margin_s", "margin_m"):
+        if name in given_model and given_model[name] != getattr(saved_model, name):
+            raise UserError(f"--resume: {name}: checkpoint={getattr(saved_model, name)}, given={given_model[name]}")
+    overrides = {k: v for k, v in given_train.items() if k in RESUME_OVERRIDABLE}
+    ignored = set(given_train) - set(RESUME_OVERRIDABLE) - {"resume"}
+    ignored |= set(given_model) - set(STRUCTURAL_FIELDS) - {"margin_method", "margin_s", "margin_m"}
+    cfg = replace(saved_train, **overrides)
+    return cfg.validate(), saved_model, ["--" + name for name in sorted(ignored)]
+
+
+def _refuse_structural_changes(checkpoint: ModelConfig, given: dict, flag: str) -> None:
     mismatches = []
     for name in STRUCTURAL_FIELDS:
-        if name not in typed:
+        if name not in given:
             continue
-        ours, theirs = getattr(given, name), getattr(checkpoint, name)
+        ours, theirs = given[name], getattr(checkpoint, name)
+        if isinstance(theirs, tuple):
+            ours = tuple(ours)
         if name == "head_variant":  # compare what would be built, resolving 'auto' for the arch in use
-            arch = given.arch_variant if "arch_variant" in typed else checkpoint.arch_variant
-            ours = AUTO_HEAD[arch] if ours == "auto" else ours
-            theirs = checkpoint.resolved_head
+            arch = given.get("arch_variant", checkpoint.arch_variant)
+            ours, theirs = (AUTO_HEAD.get(arch) if ours == "auto" else ours), checkpoint.resolved_head
         if ours != theirs:
             mismatches.append(f"{name}: checkpoint={_show(theirs)}, given={_show(ours)}")
-    margin_method = given.margin_method if "margin_method" in typed else checkpoint.margin_method
-    same_method = margin_method == checkpoint.margin_method
-    if same_method:
-        for name in MARGIN_FIELDS:
-            if name in typed and margin_method != "none" and getattr(given, name) != getattr(checkpoint, name):
-                mismatches.append(f"{name}: checkpoint={getattr(checkpoint, name)}, given={getattr(given, name)}")
     if mismatches:
-        raise UserError(
-            f"{flag}: the checkpoint's architecture differs from the flags given: " + "; ".join(mismatches)
-        )
-    merged = ModelConfig.from_dict(checkpoint.to_dict())
-    merged.margin_method = margin_method
-    if "dropout" in typed:
-        merged.dropout = given.dropout
-    if not same_method:  # a new margin head: the user's (or the method's default) s and m apply
-        default_s, default_m = MARGIN_DEFAULTS[margin_method]
-        merged.margin_s = given.margin_s if "margin_s" in typed else default_s
-        merged.margin_m = given.margin_m if "margin_m" in typed else default_m
-    return merged.validate()
+        raise UserError(f"{flag}: the checkpoint's architecture differs from the flags given: " + "; ".join(mismatches))
+
+
+def _check_margin_flags(method: str, given: dict) -> None:
+    if method == "none":
+        for name in ("margin_s", "margin_m"):
+            if name in given:
+                raise UserError(f"--{name} applies to cosface/arcface heads; --margin_method none has no margin")
+
+
+def _choice(flag: str, value, choices) -> None:
+    if value not in choices:
+        raise UserError(f"{flag}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _at_least(flag: str, value, minimum) -> None:
+    if value < minimum:
+        raise UserError(f"{flag} must be >= {minimum}, got {value}")
+
+
+def _positive(value: float) -> bool:
+    return value > 0 and math.isfinite(value)
 
 
 def _show(value) -> str:

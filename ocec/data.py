@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from .config import TrainConfig
 from .errors import UserError
 from .fileio import atomic_write
 from .reporting import progress
@@ -56,20 +57,20 @@ IN_PROCESS_ROWS = 2048  # below this, starting worker processes costs more than 
 # --- reading ---------------------------------------------------------------------------------
 
 
-def find_parquet_files(data_root: str | Path) -> list[Path]:
+def find_parquet_files(data_root: str | Path, flag: str = "--data_root") -> list[Path]:
     """A .parquet file, or a folder: its dataset.parquet if present, else every *.parquet below it (sorted)."""
     root = Path(data_root).expanduser()
     if not root.exists():
-        raise UserError(f"--data_root {root}: no such file or directory")
+        raise UserError(f"{flag} {root}: no such file or directory")
     if root.is_file():
         if root.suffix.lower() != ".parquet":
-            raise UserError(f"--data_root {root}: not a .parquet file")
+            raise UserError(f"{flag} {root}: not a .parquet file")
         return [root.resolve()]
     if (root / "dataset.parquet").is_file():
         return [(root / "dataset.parquet").resolve()]
     files = sorted(p.resolve() for p in root.rglob("*.parquet") if p.is_file())
     if not files:
-        raise UserError(f"--data_root {root}: the folder holds no .parquet files")
+        raise UserError(f"{flag} {root}: the folder holds no .parquet files")
     return files
 
 
@@ -156,12 +157,12 @@ def _read_one(path: Path) -> dict:
     return out
 
 
-def read_table(data_root: str | Path) -> Table:
-    files = find_parquet_files(data_root)
+def read_table(data_root: str | Path, flag: str = "--data_root") -> Table:
+    files = find_parquet_files(data_root, flag)
     parts = [_read_one(f) for f in files]
     total = sum(p["n"] for p in parts)
     if total == 0:
-        raise UserError(f"--data_root {data_root}: the parquet data has no rows")
+        raise UserError(f"{flag} {data_root}: the parquet data has no rows")
     has_split = any(p["splits"] is not None for p in parts)
     has_source = any(p["sources"] is not None for p in parts)
 
@@ -337,8 +338,11 @@ def decode_all(table: Table, size: tuple[int, int], num_workers: int) -> tuple[n
 # --- cache --------------------------------------------------------------------------------------
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("OCEC_CACHE_DIR") or Path.home() / ".cache" / "ocec")
+def cache_location(cache_dir: str | None, no_cache: bool = False) -> Path | None:
+    """Where decoded images are cached: --cache_dir, else $OCEC_CACHE_DIR, else ~/.cache/ocec; None: nowhere."""
+    if no_cache:
+        return None
+    return Path(cache_dir or os.environ.get("OCEC_CACHE_DIR") or Path.home() / ".cache" / "ocec").expanduser()
 
 
 def cache_key(files: list[Path], size: tuple[int, int]) -> str:
@@ -375,11 +379,11 @@ def _save_cache(path: Path, images: np.ndarray, bad: dict[int, str]) -> None:
         log.warning("could not write decode cache %s (%s); continuing without it", path, exc)
 
 
-def decoded_images(table: Table, size: tuple[int, int], num_workers: int, cache_dir: str | Path | None):
-    """Decode with the on-disk cache: a second run on unchanged files skips decoding entirely."""
+def decoded_images(table: Table, size: tuple[int, int], num_workers: int, cache_dir: Path | None):
+    """Decode with the on-disk cache (None: no cache): a second run on unchanged files skips decoding."""
     if cache_dir is None:
         return decode_all(table, size, num_workers)
-    path = Path(cache_dir).expanduser() / f"decoded-{cache_key(table.files, size)}.npz"
+    path = cache_dir / f"decoded-{cache_key(table.files, size)}.npz"
     cached = _load_cache(path, len(table), size)
     if cached is not None:
         log.info("decode cache hit: %s", path)
@@ -412,7 +416,6 @@ class Split:
 
 @dataclass
 class Dataset:
-    root: str
     splits: dict[str, Split] = field(default_factory=dict)
     skipped_bad: int = 0
     skipped_split: int = 0
@@ -426,14 +429,17 @@ def load_dataset(
     data_root: str | Path,
     image_size: tuple[int, int],
     *,
-    ratios=(0.8, 0.1, 0.1),
-    seed: int = 42,
-    num_workers: int = 0,
-    cache_dir: str | Path | None = None,
-    max_bad_fraction: float = 0.01,
-    name: str = "data",
+    ratios: tuple[float, float, float],
+    seed: int,
+    num_workers: int,
+    cache_dir: Path | None,
+    max_bad_fraction: float,
+    flag: str = "--data_root",
 ) -> Dataset:
-    table = read_table(data_root)
+    """Read, split (the 'split' column, else seeded `ratios`) and decode a dataset. `flag` names the
+    option the path came from, in log lines and errors."""
+    name = flag.lstrip("-")
+    table = read_table(data_root, flag)
     if table.splits is not None:
         log.info(
             "%s: %d rows in %d file(s); using the 'split' column (--train/val/test_ratio ignored)",
@@ -457,8 +463,7 @@ def load_dataset(
         log.warning("%s: %d row(s) with a split other than train/val/test (or empty) skipped", name, unknown)
     if unknown == len(table):
         raise UserError(
-            f"--data_root {data_root}: no row has a split of train/val/test (aliases: "
-            f"{', '.join(sorted(SPLIT_ALIASES))})"
+            f"{flag} {data_root}: no row has a split of train/val/test (aliases: {', '.join(sorted(SPLIT_ALIASES))})"
         )
 
     images, bad = decoded_images(table, image_size, num_workers, cache_dir)
@@ -474,13 +479,13 @@ def load_dataset(
         fraction = len(bad_used) / max(1, int(used.sum()))
         if fraction > max_bad_fraction:
             raise UserError(
-                f"--data_root {data_root}: {len(bad_used)} of {int(used.sum())} images unreadable "
+                f"{flag} {data_root}: {len(bad_used)} of {int(used.sum())} images unreadable "
                 f"({fraction:.1%} > --max_bad_fraction {max_bad_fraction:g}); first: "
                 f"{table.where(bad_used[0])}: {bad[bad_used[0]]}"
             )
     ok = used.copy()
     ok[bad_used] = False
-    dataset = Dataset(str(data_root), skipped_bad=len(bad_used), skipped_split=unknown)
+    dataset = Dataset(skipped_bad=len(bad_used), skipped_split=unknown)
     for split_name in SPLITS:
         idx = np.flatnonzero(ok & (splits == split_name))
         dataset.splits[split_name] = Split(
@@ -494,3 +499,44 @@ def load_dataset(
         name,
     )
     return dataset
+
+
+@dataclass
+class TrainingData:
+    """What a training run reads: its train and val splits, the mixed-in pool, the extra val split."""
+
+    train: Split
+    val: Split | None
+    mix: Split | None = None
+    extra_val: Split | None = None
+
+
+def load_training_data(cfg: TrainConfig, image_size: tuple[int, int]) -> TrainingData:
+    common = dict(
+        ratios=(cfg.train_ratio, cfg.val_ratio, cfg.test_ratio),
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        cache_dir=cache_location(cfg.cache_dir, cfg.no_cache),
+        max_bad_fraction=cfg.max_bad_fraction,
+    )
+
+    def split_of(root: str, flag: str, name: str) -> Split | None:
+        return load_dataset(root, image_size, flag=flag, **common).get(name)
+
+    data = load_dataset(cfg.data_root, image_size, **common)
+    train = data.get("train")
+    if train is None:
+        raise UserError(f"--data_root {cfg.data_root}: the train split is empty")
+    if len(train.labels.unique()) < 2:
+        only = ("closed", "open")[int(train.labels[0])]
+        raise UserError(
+            f"--data_root {cfg.data_root}: every train row is '{only}': a classifier needs both classes "
+            "(is the parquet sorted by label and cut, or the split column wrong?)"
+        )
+    mix = split_of(cfg.mix_data_root, "--mix_data_root", "train") if cfg.mix_data_root else None
+    if cfg.mix_data_root and mix is None:
+        raise UserError(f"--mix_data_root {cfg.mix_data_root}: its train split is empty")
+    extra = split_of(cfg.extra_val_root, "--extra_val_root", "val") if cfg.extra_val_root else None
+    if cfg.extra_val_root and extra is None:
+        raise UserError(f"--extra_val_root {cfg.extra_val_root}: its val split is empty")
+    return TrainingData(train, data.get("val"), mix, extra)

@@ -13,7 +13,6 @@ import logging
 import time
 from pathlib import Path
 
-from .config import ModelConfig, TrainConfig
 from .synth import write_synthetic
 from .trainer import train
 
@@ -30,6 +29,7 @@ def _dataset(out: Path, style: str, rows: int, seed: int) -> Path:
 
 def run_demo(
     out: str | Path = "runs/demo",
+    *,
     rows_a: int = 3000,
     rows_b: int = 1200,
     epochs_a: int = 6,
@@ -42,8 +42,11 @@ def run_demo(
     out = Path(out)
     data_a = _dataset(out, "a", rows_a, seed)
     data_b = _dataset(out, "b", rows_b, seed + 1)
-    model = ModelConfig(base_channels=base_channels, num_blocks=4, image_size=(32, 64), margin_method="cosface")
     common = dict(
+        base_channels=base_channels,
+        num_blocks=4,
+        image_size=(32, 64),
+        margin_method="cosface",
         batch_size=64,
         num_workers=num_workers,
         seed=seed,
@@ -55,9 +58,9 @@ def run_demo(
     )
     rows = []
 
-    def timed(label, cfg, model_cfg, typed=frozenset()):
+    def timed(label, **settings):
         tic = time.time()
-        run_dir = train(cfg, model_cfg, set(typed))
+        run_dir = train(**settings)
         summary = json.loads((run_dir / "summary.json").read_text())
         rows.append(
             {
@@ -73,29 +76,22 @@ def run_demo(
 
     log.info("== 1/3 model A: from scratch on dataset A")
     run_a = timed(
-        "model A (on A)",
-        TrainConfig(data_root=str(data_a), output_dir=str(out / "model_a"), epochs=epochs_a, lr=2e-3, **common),
-        model,
+        "model A (on A)", data_root=str(data_a), output_dir=str(out / "model_a"), epochs=epochs_a, lr=2e-3, **common
     )
     log.info("== 2/3 dataset B from scratch")
     timed(
-        "B from scratch",
-        TrainConfig(data_root=str(data_b), output_dir=str(out / "scratch_b"), epochs=epochs_b, lr=2e-3, **common),
-        model,
+        "B from scratch", data_root=str(data_b), output_dir=str(out / "scratch_b"), epochs=epochs_b, lr=2e-3, **common
     )
     log.info("== 3/3 dataset B fine-tuned from model A")
     timed(
         "B fine-tuned from A",
-        TrainConfig(
-            data_root=str(data_b),
-            output_dir=str(out / "finetune_b"),
-            epochs=epochs_b,
-            lr=1e-3,
-            pretrain=[str(run_a)],
-            extra_val_root=str(data_a),
-            **common,
-        ),
-        model,
+        data_root=str(data_b),
+        output_dir=str(out / "finetune_b"),
+        epochs=epochs_b,
+        lr=1e-3,
+        pretrain=[str(run_a)],
+        extra_val_root=str(data_a),
+        **common,
     )
     print()
     print(format_table(rows))

@@ -1,7 +1,9 @@
 """Shipping a model: ONNX (optional extra `ocec[onnx]`) and safetensors (`ocec[safetensors]`).
 
 The ONNX graph takes `images` float32 [N, 3, H, W] RGB in [0, 1] (dynamic N) and returns
-`prob_open` [N]; normalisation is inside the graph and every Conv+BatchNorm pair is folded.
+`prob_open` [N] and the margin-free `logit` [N]; normalisation is inside the graph and every
+Conv+BatchNorm pair is folded. The self-check compares logits, not probabilities (a confident
+model's probabilities saturate at 1.0 and would hide a broken graph), on rendered eye crops.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .checkpoint import Snapshot
+from .pretrained import Snapshot
+from .checkpoint import FORMAT_VERSION
 from .errors import UserError
 from .fileio import atomic_write, to_jsonable
 from .model import OcecModel
@@ -25,15 +28,36 @@ from .model import OcecModel
 log = logging.getLogger("ocec")
 
 
-class ProbabilityOpen(nn.Module):
-    """What deployers run: images in [0, 1] -> probability that the eye is open."""
+CHECK_TOLERANCE = 1e-4  # |onnx - torch| <= tol + tol * |torch| on logits (fp32 graphs agree to ~1e-6)
+
+
+class Deployed(nn.Module):
+    """What deployers run: images in [0, 1] -> (probability that the eye is open, its logit)."""
 
     def __init__(self, model: OcecModel):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model(images))
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logit = self.model(images)
+        return torch.sigmoid(logit), logit
+
+
+def check_images(image_size: tuple[int, int], count: int = 16) -> torch.Tensor:
+    """Eye crops as the model sees them (rendered by ocec.synth, PNG round trip, the training resize):
+    open and closed, both styles. Realistic inputs keep logits in the range where errors show."""
+    import numpy as np
+
+    from .data import decode_image_bytes
+    from .synth import encode, make_subjects, render_eye
+
+    rng = np.random.default_rng(0)
+    subjects = make_subjects(4, rng)
+    images = [
+        decode_image_bytes(encode(render_eye(rng, i % 2 == 0, subjects[i % 4], "ab"[(i // 2) % 2])), "", "", image_size)
+        for i in range(count)
+    ]
+    return torch.from_numpy(np.stack(images)).float() / 255.0
 
 
 def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
@@ -54,15 +78,15 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     return model, folded
 
 
-def export_onnx(model: OcecModel, output: str | Path, opset: int = 17, check: bool = True) -> dict:
-    """Write the ONNX file atomically; with onnxruntime installed, compare it with PyTorch."""
+def export_onnx(model: OcecModel, output: str | Path, *, opset: int = 17, check: bool = True) -> dict:
+    """Write the ONNX file atomically; with onnxruntime installed, compare its logits with PyTorch's."""
     try:
         import onnx  # noqa: F401  (torch's exporter needs it)
     except ImportError:
         raise UserError("ONNX export needs the onnx package: pip install 'ocec[onnx]'") from None
     model = model.cpu().eval()
     folded, pairs = fold_batchnorm(model)
-    wrapper = ProbabilityOpen(folded).eval()
+    wrapper = Deployed(folded).eval()
     h, w = model.config.image_size
     dummy = torch.rand(2, 3, h, w)
     buffer = io.BytesIO()
@@ -74,8 +98,8 @@ def export_onnx(model: OcecModel, output: str | Path, opset: int = 17, check: bo
             buffer,
             dynamo=False,
             input_names=["images"],
-            output_names=["prob_open"],
-            dynamic_axes={"images": {0: "N"}, "prob_open": {0: "N"}},
+            output_names=["prob_open", "logit"],
+            dynamic_axes={"images": {0: "N"}, "prob_open": {0: "N"}, "logit": {0: "N"}},
             opset_version=opset,
         )
     path = atomic_write(output, lambda f: f.write(buffer.getvalue()))
@@ -86,12 +110,18 @@ def export_onnx(model: OcecModel, output: str | Path, opset: int = 17, check: bo
         except ImportError:
             log.warning("onnxruntime is not installed: exported without a numerical check (pip install 'ocec[onnx]')")
             return report
-        batch = torch.rand(5, 3, h, w, generator=torch.Generator().manual_seed(0))
+        batch = check_images((h, w))
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        onnx_out = torch.from_numpy(session.run(["prob_open"], {"images": batch.numpy()})[0])
+        onnx_logit = torch.from_numpy(session.run(["logit"], {"images": batch.numpy()})[0])
         with torch.no_grad():
-            reference = ProbabilityOpen(model)(batch)
-        report["max_abs_diff"] = float((onnx_out - reference).abs().max())
+            reference = model(batch)
+        diff = (onnx_logit - reference).abs()
+        report.update(
+            max_abs_diff=float(diff.max()),
+            tolerance=CHECK_TOLERANCE,
+            check_images=len(batch),
+            passed=bool((diff <= CHECK_TOLERANCE * (1 + reference.abs())).all()),
+        )
     return report
 
 
@@ -103,7 +133,7 @@ def export_safetensors(snap: Snapshot, output: str | Path) -> dict:
         raise UserError("--format safetensors needs the safetensors package: pip install 'ocec[safetensors]'") from None
     state = {k: v.contiguous() for k, v in snap.state.items()}
     metadata = {
-        "ocec_format": "1",
+        "ocec_format": str(FORMAT_VERSION),
         "ocec_model_config": json.dumps(snap.model_config.to_dict()),
         "ocec_metrics": json.dumps(to_jsonable({"f1": snap.score})),
     }

@@ -39,7 +39,8 @@ def binary_report(labels, probs, threshold: float = 0.5) -> dict:
         "accuracy": float(accuracy_score(labels, preds)),
         "precision": float(precision[0]),
         "recall": float(recall[0]),
-        "f1": float(f1[0]),
+        # without an open label, recall and so F1 are undefined (scikit-learn would say 0.0)
+        "f1": NAN if not labels.any() else float(f1[0]),
         "roc_auc": NAN if single_class else float(roc_auc_score(labels, probs)),
     }
 

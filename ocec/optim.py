@@ -1,4 +1,5 @@
-"""Named parameter groups, freezing stages, and the warmup -> plateau learning-rate schedule.
+"""Named parameter groups, freezing stages, the warmup -> plateau learning-rate schedule, and the
+`Learner` that bundles what a training step updates.
 
 Groups are `backbone`, `head` and `margin_head`, each split into decay / no-decay (1-D params:
 norms, biases, layer scales). Frozen parameters stay in the optimizer with requires_grad=False
@@ -6,18 +7,22 @@ norms, biases, layer scales). Frozen parameters stay in the optimizer with requi
 
 The schedule is written out by hand because a per-step warmup cannot hand over to
 ReduceLROnPlateau through SequentialLR (pytorch issue 68978):
-    lr(group) = max(base_lr(group) * plateau_scale(group), min_lr) * warmup(group, step)
+    lr(group) = base_lr(group) * plateau_scale(group) * warmup(group, step)
+where a plateau reduction multiplies the scale by `factor` but never takes the rate below `min_lr`
+(and never raises a rate that is already below it), as torch's ReduceLROnPlateau does.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .config import Stage
-from .model import OcecModel, parameter_group_of
+from .config import ModelConfig, Stage, TrainConfig
+from .model import OcecModel, build_model, parameter_group_of
+from .runtime import amp_dtype, grad_scaler
 
 GROUPS = ("backbone", "head", "margin_head")
 
@@ -45,10 +50,6 @@ def build_optimizer(model: nn.Module, group_lrs: dict[str, float], weight_decay:
 # --- freezing ---------------------------------------------------------------------------------
 
 
-def backbone_units(model: OcecModel) -> list[str]:
-    return model.backbone.unit_names()
-
-
 def trainable_units(unit_names: list[str], fraction: float) -> list[str]:
     """The last ceil(fraction * units) units, counted from the output side (the stem comes last)."""
     count = math.ceil(fraction * len(unit_names) - 1e-9)
@@ -57,12 +58,17 @@ def trainable_units(unit_names: list[str], fraction: float) -> list[str]:
 
 def set_backbone_fraction(model: OcecModel, fraction: float) -> list[str]:
     """Make only the last `fraction` of backbone units trainable; returns their names."""
-    names = backbone_units(model)
+    names = model.backbone.unit_names()
     chosen = set(trainable_units(names, fraction))
     for unit in names:
         for p in model.backbone.get_submodule(unit).parameters():
             p.requires_grad_(unit in chosen)
     return [n for n in names if n in chosen]
+
+
+def count_trainable_units(model: OcecModel) -> int:
+    units = model.backbone.unit_names()
+    return sum(1 for u in units if any(p.requires_grad for p in model.backbone.get_submodule(u).parameters()))
 
 
 def freeze_batchnorm_statistics(model: nn.Module) -> None:
@@ -81,6 +87,41 @@ def active_stage(stages: list[Stage], epoch: int) -> Stage | None:
         if stage.epoch <= epoch:
             current = stage
     return current
+
+
+def enter_epoch_stage(
+    model: OcecModel,
+    schedule: "LRSchedule",
+    stages: list[Stage],
+    epoch: int,
+    *,
+    rewarm_epochs: float,
+    announce: bool,
+    mid_epoch: bool = False,
+) -> str | None:
+    """Set which backbone units train in `epoch`. On the first epoch of a later stage the backbone
+    re-warms (to the stage's LR, if it sets one); a stage from epoch 1 just sets its LR. `mid_epoch`:
+    a resumed run continues inside the epoch, whose schedule state already holds that change.
+    Returns a line for the log when a stage begins (or `announce`: a run's first epoch), else None."""
+    if not stages:
+        return None
+    stage = active_stage(stages, epoch)
+    units = set_backbone_fraction(model, 1.0 if stage is None else stage.fraction)
+    begins_now = stage is not None and stage.epoch == epoch
+    if begins_now and not mid_epoch and epoch > 1:
+        schedule.restart_warmup("backbone", rewarm_epochs, stage.backbone_lr)
+    elif begins_now and not mid_epoch and stage.backbone_lr is not None:
+        schedule.set_base("backbone", stage.backbone_lr)
+    if not (begins_now or announce):
+        return None
+    text = (
+        f"stage from epoch {stage.epoch if stage else 1}: {len(units)}/{len(model.backbone.unit_names())} "
+        f"backbone units trainable ({', '.join(units) or 'backbone frozen'})"
+    )
+    if units:
+        text += f", backbone lr {schedule.base['backbone']:.2e}"
+        text += f", re-warming over {rewarm_epochs:g} epoch(s)" if begins_now and epoch > 1 else ""
+    return text
 
 
 # --- learning-rate schedule ---------------------------------------------------------------------
@@ -121,7 +162,7 @@ class LRSchedule:
     def lr(self, group: str) -> float:
         done = self.step_count - self.warmup_start[group] + 1
         warm = 1.0 if self.warmup_steps[group] <= 0 else min(1.0, max(done, 1) / self.warmup_steps[group])
-        return max(self.base[group] * self.scale[group], self.min_lr) * warm
+        return self.base[group] * self.scale[group] * warm
 
     def lrs(self) -> dict[str, float]:
         return {g: self.lr(g) for g in self.base}
@@ -154,7 +195,7 @@ class LRSchedule:
         return self.step_count < self.global_warmup_steps
 
     def end_epoch(self, metric: float | None) -> bool:
-        """Feed the epoch's plateau metric; returns True when the learning rates were reduced."""
+        """Feed the epoch's plateau metric; returns True when a learning rate was reduced."""
         if self.in_warmup() or metric is None or not math.isfinite(metric):
             return False
         if self.best is None:
@@ -170,10 +211,15 @@ class LRSchedule:
         if self.bad_epochs <= self.patience:
             return False
         self.bad_epochs = 0
-        for group in self.scale:
-            self.scale[group] *= self.factor
+        reduced = False
+        for group, scale in self.scale.items():
+            if self.base[group] * scale * self.factor >= self.min_lr:
+                self.scale[group] = scale * self.factor
+            else:  # floor at min_lr; a rate already at or below it stays where it is
+                self.scale[group] = min(scale, self.min_lr / self.base[group])
+            reduced |= self.scale[group] < scale
         self.apply()
-        return True
+        return reduced
 
     def state_dict(self) -> dict:
         return {
@@ -193,3 +239,49 @@ class LRSchedule:
         self.global_warmup_steps = state["global_warmup_steps"]
         self.step_count, self.best, self.bad_epochs = state["step_count"], state["best"], state["bad_epochs"]
         self.apply()
+
+
+# --- what a training step updates ---------------------------------------------------------------
+
+
+@dataclass
+class Learner:
+    """The model and everything that updates it; its state dict is what a checkpoint must restore."""
+
+    model: OcecModel
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def build(cls, model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int, device: torch.device) -> "Learner":
+        """A fresh model (channels-last on `device`), AdamW over its named groups, warmup -> plateau."""
+        model = build_model(model_cfg).to(device, memory_format=torch.channels_last)
+        optimizer = build_optimizer(model, cfg.group_lrs, cfg.weight_decay)
+        mode = "max" if cfg.plateau_metric == "val_f1" else "min"
+        schedule = LRSchedule(
+            optimizer,
+            cfg.group_lrs,
+            steps_per_epoch,
+            cfg.warmup_epochs,
+            cfg.plateau_factor,
+            cfg.plateau_patience,
+            mode,
+            cfg.min_lr,
+        )
+        return cls(model, optimizer, schedule, grad_scaler(device, amp_dtype(device, cfg.use_amp)))
+
+    def state_dict(self) -> dict:
+        return {
+            "model_state": self.model.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "schedule_state": self.schedule.state_dict(),
+            "scaler_state": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+        }
+
+    def load_state_dict(self, raw: dict) -> None:
+        self.model.load_state_dict(raw["model_state"])
+        self.optimizer.load_state_dict(raw["optimizer_state"])
+        self.schedule.load_state_dict(raw["schedule_state"])
+        if self.scaler.is_enabled() and raw.get("scaler_state"):
+            self.scaler.load_state_dict(raw["scaler_state"])

@@ -19,8 +19,39 @@ log = logging.getLogger("ocec")
 
 
 def progress(iterable=None, **kwargs) -> tqdm:
-    """A tqdm bar that stays quiet when stdout is not a terminal (log files, nohup, CI)."""
-    return tqdm(iterable, disable=not sys.stdout.isatty(), leave=False, **kwargs)
+    """A tqdm bar on stderr for every step that takes more than a moment; quiet when stderr is not a
+    terminal (log files, nohup, CI)."""
+    return tqdm(iterable, file=sys.stderr, disable=not sys.stderr.isatty(), leave=False, **kwargs)
+
+
+def fmt(value, digits: int = 4) -> str:
+    """A metric for a log line; undefined (None, NaN) as n/a."""
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def epoch_row(epoch: int, metrics: dict, lrs: dict, *, seconds: float, wall_seconds: float, seen: int) -> dict:
+    """One history row: every metric of every split as <split>_<metric>, each group's LR, timings."""
+    row = {"epoch": epoch}
+    for split_name, values in metrics.items():
+        row.update({f"{split_name}_{k}": v for k, v in values.items()})
+    row.update({f"lr_{g}": v for g, v in lrs.items()})
+    row["seconds"] = round(seconds, 3)
+    row["wall_seconds"] = round(wall_seconds, 3)  # training and evaluation
+    row["images_per_s"] = round(seen / seconds, 1) if seconds > 0 else None
+    return row
+
+
+def epoch_line(row: dict, epochs: int, improved: bool) -> str:
+    """The log line of an epoch, from its history row."""
+    text = f"epoch {row['epoch']}/{epochs} train loss {fmt(row['train_loss'])} f1 {fmt(row['train_f1'])}"
+    if "val_loss" in row:
+        text += f" | val loss {fmt(row['val_loss'])} f1 {fmt(row['val_f1'])} auc {fmt(row['val_roc_auc'], 3)}"
+        text += f" fisher {fmt(row['val_fisher'], 3)}"
+    if "extra_val_f1" in row:
+        text += f" | extra_val f1 {fmt(row['extra_val_f1'])}"
+    text += " | lr " + " ".join(f"{k[3:]} {v:.2e}" for k, v in row.items() if k.startswith("lr_"))
+    text += f" | {row['seconds']:.1f}s {row['images_per_s'] or 0:.0f} img/s"
+    return text + (" [best]" if improved else "")
 
 
 def check_optional(tensorboard: bool, diagnostics: bool) -> None:

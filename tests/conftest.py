@@ -18,11 +18,11 @@ from ocec.cli import main
 from ocec.synth import write_synthetic
 
 FIXTURES = Path(__file__).parent / "fixtures"
-# Small enough that a 2-epoch run takes about a second on 2 CPU cores.
-TINY = (
-    "--image_size 16x32 --base_channels 8 --num_blocks 2 --batch_size 32 --num_workers 0 --warmup_epochs 0 "
-    "--device cpu --lr 3e-3"
-).split()
+# Small enough that a 2-epoch run takes about a second on 2 CPU cores. The model flags are separate
+# because a fine-tune inherits its architecture from the checkpoint.
+TINY_MODEL = "--image_size 16x32 --base_channels 8 --num_blocks 2".split()
+TINY_TRAIN = "--batch_size 32 --num_workers 0 --warmup_epochs 0 --device cpu --lr 3e-3".split()
+TINY = TINY_MODEL + TINY_TRAIN
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -80,8 +80,21 @@ def only_run(output_dir: Path) -> Path:
 
 
 def history(run_dir: Path, drop=("seconds", "wall_seconds", "images_per_s")) -> list[dict]:
+    """A run's history without its timings (which differ between identical runs)."""
     rows = json.loads((Path(run_dir) / "history.json").read_text())
     return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def config(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "config.json").read_text())
+
+
+def checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="session")
@@ -110,6 +123,16 @@ def train_once(tmp_path_factory, name: str, *args) -> Path:
 def trained_run(tmp_path_factory, data_a) -> Path:
     """A 3-epoch tiny run on dataset A with the default cosface head (val F1 about 0.97)."""
     return train_once(tmp_path_factory, "trained", "--data_root", data_a, "--epochs", 3, *TINY, "--batch_size", 8)
+
+
+@pytest.fixture
+def finetune(train, data_a, trained_run, tmp_path):
+    """A tiny CPU fine-tune of `trained_run` on dataset A into tmp_path: finetune(epochs, *extra_flags)."""
+
+    def run(epochs, *extra) -> Result:
+        return train(data_a, tmp_path, epochs, *TINY_TRAIN, "--pretrain", trained_run, *extra)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,8 @@ SIZE = (16, 32)
 
 
 def _load(root, cache_dir=None, **kwargs):
-    return load_dataset(root, SIZE, cache_dir=cache_dir, **kwargs)
+    options = {"ratios": (0.8, 0.1, 0.1), "seed": 42, "num_workers": 0, "max_bad_fraction": 0.01, **kwargs}
+    return load_dataset(root, SIZE, cache_dir=cache_dir, **options)
 
 
 def _all_images(dataset):
@@ -176,7 +177,9 @@ def test_bad_images_are_skipped_counted_and_limited(tmp_path, caplog):
 
 def test_images_are_uint8_at_the_requested_size(tmp_path):
     write_synthetic(tmp_path / "d", 20, seed=0, style="a")
-    ds = load_dataset(tmp_path / "d", (24, 40))
+    ds = load_dataset(
+        tmp_path / "d", (24, 40), ratios=(0.8, 0.1, 0.1), seed=0, num_workers=0, cache_dir=None, max_bad_fraction=0
+    )
     split = ds.splits["train"]
     assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (3, 24, 40)
     assert split.labels.dtype == torch.int64

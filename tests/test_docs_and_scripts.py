@@ -140,13 +140,3 @@ def test_demo_runs_end_to_end_and_prints_the_table(ocec, tmp_path):
         assert (only_run(tmp_path / folder) / "summary.json").is_file()
     summary = json.loads((only_run(tmp_path / "finetune_b") / "summary.json").read_text())
     assert summary["pretrain"]["path"].startswith(str(tmp_path / "model_a"))
-
-
-def test_synth_command_writes_shards_without_split(ocec, tmp_path):
-    result = ocec("synth", "--out", tmp_path, "--rows", 30, "--shards", 3, "--no_split", "--style", "b")
-    assert result.code == 0, result.err
-    import pyarrow.parquet as pq
-
-    tables = [pq.read_table(p) for p in sorted(tmp_path.glob("part-*.parquet"))]
-    assert len(tables) == 3 and sum(t.num_rows for t in tables) == 30
-    assert "split" not in tables[0].column_names and set(tables[0].column("label").to_pylist()) <= {"open", "closed"}

@@ -1,65 +1,34 @@
-"""Judging and shipping a model: eval, compare, predict, export, plots, diagnostics, TensorBoard."""
+"""Judging a model: eval (overall and per source), compare (one split for every run), predict."""
 
 from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    f1_score,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-)
+from sklearn.metrics import f1_score, roc_auc_score
 
-from conftest import FIXTURES, TINY, only_run
-from ocec.checkpoint import choose_best
+from conftest import FIXTURES, TINY, only_run, summary
 from ocec.data import load_dataset
-from ocec.evaluate import load_for_inference
-from ocec.metrics import best_threshold, binary_report, full_report
-from ocec.plots import plot_runs
+from ocec.inference import predict_split
+from ocec.pretrained import load_for_inference
 from ocec.synth import write_synthetic
-from ocec.trainer import predict_split
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_equals_scikit_learn_on_known_predictions():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 200)
-    probs = np.clip(labels * 0.35 + rng.random(200) * 0.65, 0, 1)
-    rep = full_report(labels, probs)
-    preds = (probs >= 0.5).astype(int)
-    assert rep["accuracy"] == pytest.approx(accuracy_score(labels, preds))
-    assert rep["precision"] == pytest.approx(precision_score(labels, preds))
-    assert rep["recall"] == pytest.approx(recall_score(labels, preds))
-    assert rep["f1"] == pytest.approx(f1_score(labels, preds))
-    assert rep["roc_auc"] == pytest.approx(roc_auc_score(labels, probs))
-    assert rep["pr_auc"] == pytest.approx(average_precision_score(labels, probs))
-    cm = rep["confusion_matrix"]
-    assert cm["tp"] == int(((preds == 1) & (labels == 1)).sum()) and sum(cm.values()) == 200
-
-
-def test_best_threshold_maximises_f1():
-    labels = np.array([0, 0, 0, 1, 1, 1, 1, 0])
-    probs = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.9, 0.6])
-    threshold, best = best_threshold(labels, probs)
-    brute = max(f1_score(labels, (probs >= t).astype(int)) for t in probs)
-    assert best == pytest.approx(brute) and best > f1_score(labels, (probs >= 0.5).astype(int))
-    assert f1_score(labels, (probs >= threshold).astype(int)) == pytest.approx(best)
-
-
-def test_single_class_metrics_are_undefined_not_errors():
-    rep = binary_report(np.zeros(10), np.linspace(0, 1, 10))
-    assert np.isnan(rep["roc_auc"]) and np.isnan(rep["recall"]) and rep["accuracy"] == 0.5
+def _load_all(root, image_size):
+    data = load_dataset(
+        root, image_size, ratios=(0.8, 0.1, 0.1), seed=42, num_workers=0, cache_dir=None, max_bad_fraction=0.01
+    )
+    images = torch.cat([data.splits[s].images for s in ("train", "val", "test")])
+    labels = torch.cat([data.splits[s].labels for s in ("train", "val", "test")]).numpy()
+    return images, labels
 
 
 def test_eval_cli_matches_a_direct_computation_and_sources_add_up(ocec, trained_run, data_a, tmp_path):
@@ -71,11 +40,9 @@ def test_eval_cli_matches_a_direct_computation_and_sources_add_up(ocec, trained_
     report = json.loads(out.read_text())
     assert "overall" in result.out and "confusion matrix" in result.out
     # recompute independently: the chosen checkpoint, every row of the dataset, scikit-learn
-    model, snap = load_for_inference([str(trained_run)], torch.device("cpu"))
-    data = load_dataset(data_a, snap.model_config.image_size)
-    images = torch.cat([data.splits[s].images for s in ("train", "val", "test")])
-    labels = torch.cat([data.splits[s].labels for s in ("train", "val", "test")]).numpy()
-    probs = torch.sigmoid(predict_split(model, images, 64, torch.device("cpu"))[0]).numpy()
+    model, snap, _ = load_for_inference([str(trained_run)], torch.device("cpu"))
+    images, labels = _load_all(data_a, snap.model_config.image_size)
+    probs = torch.sigmoid(predict_split(model, images, batch_size=64, device=torch.device("cpu"))[0]).numpy()
     assert report["overall"]["samples"] == len(labels) == 240
     assert report["overall"]["f1"] == pytest.approx(f1_score(labels, probs >= 0.5))
     assert report["overall"]["roc_auc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-6)
@@ -173,9 +140,9 @@ def test_compare_reads_runs_evaluates_them_and_plots(ocec, trained_run, bce_run,
     assert result.code == 0, result.err
     assert plot.read_bytes()[:8] == PNG_MAGIC and "(8 lines)" in result.out  # 2 runs x (F1, 2 losses, LR)
     rows = json.loads(table.read_text())
-    summary = json.loads((trained_run / "summary.json").read_text())
-    assert rows[0]["best_val_f1"] == pytest.approx(summary["best_f1"]) and rows[0]["epochs"] == 3
-    assert rows[0]["seconds"] == pytest.approx(summary["wall_seconds"]) and rows[0]["images_per_s"] > 0
+    info = summary(trained_run)
+    assert rows[0]["best_val_f1"] == pytest.approx(info["best_f1"]) and rows[0]["epochs"] == 3
+    assert rows[0]["seconds"] == pytest.approx(info["wall_seconds"]) and rows[0]["images_per_s"] > 0
     assert rows[2]["best_val_f1"] == pytest.approx(0.8759, abs=1e-4)  # the upstream checkpoint's recorded F1
     result = ocec(
         "compare", trained_run, bce_run, "--data_root", data_b, "--split", "all", "--device", "cpu", "--json", table
@@ -185,7 +152,7 @@ def test_compare_reads_runs_evaluates_them_and_plots(ocec, trained_run, bce_run,
     direct = ocec(
         "eval",
         "--checkpoint",
-        summary["best_checkpoint"],
+        info["best_checkpoint"],
         "--data_root",
         data_b,
         "--split",
@@ -200,65 +167,89 @@ def test_compare_reads_runs_evaluates_them_and_plots(ocec, trained_run, bce_run,
     assert "F1 on data" in result.out
 
 
-def test_plot_draws_the_expected_lines(tmp_path):
-    hist = [
-        {"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_f1": 0.5 + e / 10, "lr_backbone": 1e-3}
-        for e in range(1, 4)
-    ]
-    no_val = [{k: v for k, v in r.items() if not k.startswith("val")} for r in hist]
-    path, lines = plot_runs([("a", hist), ("b", no_val)], tmp_path / "p.png")
-    assert lines == 4 + 2
-    data = path.read_bytes()
-    assert data[:8] == PNG_MAGIC
-    from PIL import Image
-
-    with Image.open(path) as image:
-        assert image.format == "PNG" and image.size[0] > 600 and image.size[1] > 200
-
-
-def test_onnx_export_matches_pytorch(ocec, trained_run, tmp_path):
-    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installable on this platform")
-    out = tmp_path / "model.onnx"
-    result = ocec("exportonnx", "--checkpoint", trained_run, "--output", out)
+def test_compare_scores_every_run_on_the_same_rows(ocec, train, tmp_path):
+    """Data without a split column: runs trained with different seeds split it differently; compare
+    must score them all on one split, or their numbers are not comparable."""
+    write_synthetic(tmp_path / "d", 200, seed=4, style="a", with_split=False)
+    for seed in (1, 2):
+        assert train(tmp_path / "d", tmp_path / f"r{seed}", 1, *TINY, "--seed", seed).code == 0
+    runs = [only_run(tmp_path / f"r{seed}") for seed in (1, 2)]
+    samples = []
+    for run in runs:  # `eval` of each run alone: its own seed's val split
+        out = tmp_path / f"{run.parent.name}.json"
+        assert ocec("eval", "--checkpoint", run, "--data_root", tmp_path / "d", "--json", out).code == 0
+        samples.append(json.loads(out.read_text())["overall"])
+    result = ocec("compare", *runs, "--data_root", tmp_path / "d", "--json", tmp_path / "c.json")
     assert result.code == 0, result.err
-    assert "Conv+BatchNorm folded" in result.out and "max |difference|" in result.out
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["images"] and [o.name for o in session.get_outputs()] == [
-        "prob_open"
-    ]
-    snap, _ = choose_best([str(trained_run)])
-    model, _ = load_for_inference([str(trained_run)], torch.device("cpu"))
-    for n in (1, 7):  # dynamic batch
-        x = torch.rand(n, 3, *snap.model_config.image_size, generator=torch.Generator().manual_seed(n))
-        onnx_prob = session.run(None, {"images": x.numpy()})[0]
-        assert onnx_prob.shape == (n,)
-        assert np.abs(onnx_prob - model.predict_proba(x).numpy()).max() < 1e-4
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert "every run is scored on the same rows" in result.out and "seed 1" in result.out
+    rows = json.loads((tmp_path / "c.json").read_text())
+    assert rows[0]["data_f1"] == pytest.approx(samples[0]["f1"])  # run 1's own split, used for both
+    model, snap, _ = load_for_inference([str(runs[1])], torch.device("cpu"))
+    data = load_dataset(
+        tmp_path / "d", (16, 32), ratios=(0.8, 0.1, 0.1), seed=1, num_workers=0, cache_dir=None, max_bad_fraction=0.01
+    )
+    probs = torch.sigmoid(predict_split(model, data.splits["val"].images, batch_size=64, device=torch.device("cpu"))[0])
+    assert rows[1]["data_f1"] == pytest.approx(f1_score(data.splits["val"].labels.numpy(), probs.numpy() >= 0.5))
 
 
-def test_export_without_the_onnx_extra_says_what_to_install(ocec, trained_run, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
-    result = ocec("export", "--checkpoint", trained_run, "--output", tmp_path / "m.onnx")
-    assert result.code == 2 and "pip install 'ocec[onnx]'" in result.err and "Traceback" not in result.err
-    assert not (tmp_path / "m.onnx").exists()
+def test_per_source_metrics_group_rows_once(monkeypatch):
+    """Per-source evaluation must not compare every row with every source (O(rows x sources))."""
+    from ocec.data import Split
+    from ocec.evaluate import report_predictions
+    from ocec.pretrained import Snapshot
+    from ocec.config import ModelConfig
+
+    comparisons = []
+
+    class CountingArray(np.ndarray):
+        def __eq__(self, other):
+            comparisons.append(other)
+            return np.asarray(self) == other
+
+    rng = np.random.default_rng(0)
+    sources = np.array([f"s{i % 50}" for i in range(1000)], dtype=object).view(CountingArray)
+    labels = torch.from_numpy(rng.integers(0, 2, 1000))
+    logits = torch.randn(1000) + 2 * labels - 1
+    split = Split("val", torch.zeros(1000, 3, 2, 2, dtype=torch.uint8), labels, sources)
+    snap = Snapshot(Path("x.pt"), ModelConfig(), {})
+    report = report_predictions(snap, split, logits, torch.randn(1000, 4))
+    assert len(comparisons) < 5 and len(report["per_source"]) == 50
+    rows = np.flatnonzero(np.asarray(sources) == "s7")
+    probs = torch.sigmoid(logits).numpy()
+    assert report["per_source"]["s7"]["f1"] == pytest.approx(f1_score(labels.numpy()[rows], probs[rows] >= 0.5))
+    assert sum(r["samples"] for r in report["per_source"].values()) == 1000
 
 
-def test_diagnostics_and_tensorboard_outputs(ocec, train, data_a, tmp_path):
-    pytest.importorskip("matplotlib")
-    pytest.importorskip("tensorboard")
-    result = train(data_a, tmp_path, 2, *TINY, "--save_diagnostics", "--tensorboard")
-    assert result.code == 0, result.err
-    run = only_run(tmp_path)
-    pngs = sorted(p.name for p in (run / "diagnostics").iterdir())
-    assert pngs == ["confusion_epoch0001.png", "confusion_epoch0002.png", "roc_epoch0001.png", "roc_epoch0002.png"]
-    assert all((run / "diagnostics" / p).read_bytes()[:8] == PNG_MAGIC for p in pngs)
-    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
-    assert events and "tensorboard --logdir" in result.out
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def test_eval_max_bad_fraction_is_a_flag(ocec, trained_run, tmp_path):
+    write_synthetic(tmp_path / "d", 60, seed=0, style="a")
+    table = pq.read_table(tmp_path / "d" / "dataset.parquet")
+    blobs = table.column("image_bytes").to_pylist()
+    blobs[0] = b"broken"
+    table = table.set_column(table.schema.get_field_index("image_bytes"), "image_bytes", pa.array(blobs, pa.binary()))
+    pq.write_table(table, tmp_path / "bad.parquet")
+    args = ["eval", "--checkpoint", trained_run, "--data_root", tmp_path / "bad.parquet", "--split", "all"]
+    refused = ocec(*args)
+    assert refused.code == 2 and "--max_bad_fraction" in refused.err
+    accepted = ocec(*args, "--max_bad_fraction", 0.05)
+    assert accepted.code == 0, accepted.err
+    assert ocec(*args, "--max_bad_fraction", 2).code == 2
 
-    acc = EventAccumulator(str(run / "tensorboard"))
-    acc.Reload()
-    tags = acc.Tags()["scalars"]
-    for tag in ("val/f1", "train/loss", "lr/backbone", "val/fisher"):
-        assert tag in tags
-    assert [e.step for e in acc.Scalars("val/f1")] == [1, 2]
+
+def test_threshold_moves_the_decision(ocec, trained_run, data_a, tmp_path):
+    args = ["eval", "--checkpoint", trained_run, "--data_root", data_a, "--split", "all"]
+    reports = {}
+    for threshold in (0.05, 0.5, 0.95):
+        out = tmp_path / f"{threshold}.json"
+        assert ocec(*args, "--threshold", threshold, "--json", out).code == 0
+        reports[threshold] = json.loads(out.read_text())["overall"]
+    predicted_open = {t: r["confusion_matrix"]["tp"] + r["confusion_matrix"]["fp"] for t, r in reports.items()}
+    assert predicted_open[0.05] > predicted_open[0.5] > predicted_open[0.95]
+    assert reports[0.05]["threshold"] == 0.05 and reports[0.05]["roc_auc"] == reports[0.95]["roc_auc"]
+    write_synthetic(tmp_path / "d", 20, seed=9, style="a", embed_bytes=False)
+    rows = {}
+    for threshold in (0.0, 1.01):
+        out = tmp_path / f"p{threshold}.csv"
+        flags = ["--inputs", tmp_path / "d" / "images", "--output", out, "--threshold", threshold]
+        assert ocec("predict", "--checkpoint", trained_run, *flags).code == 0
+        rows[threshold] = {r["label"] for r in csv.DictReader(out.open())}
+    assert rows == {0.0: {"open"}, 1.01: {"closed"}}

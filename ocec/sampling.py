@@ -1,0 +1,105 @@
+"""Which samples each step trains on, and how a batch of them reaches the device.
+
+Every random stream of epoch e is seeded from (seed, e), so a run resumed from any checkpoint
+replays exactly what an uninterrupted run would have done (on the same machine).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("ocec")
+
+# Random streams of one epoch, each seeded by epoch_seed(seed, epoch, stream).
+ORDER_STREAM, AUGMENT_STREAM, DROPOUT_STREAM = 1, 2, 3
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + stream) % (2**63 - 1)
+
+
+def epoch_generator(seed: int, epoch: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch, stream))
+
+
+def draw(labels: torch.Tensor, count: int, generator: torch.Generator, balanced: bool) -> torch.Tensor:
+    """`count` indices into `labels`: a permutation (repeated if needed), or class-balanced with replacement."""
+    if count <= 0:
+        return torch.empty(0, dtype=torch.long)
+    if balanced:
+        per_class = torch.bincount(labels, minlength=2).clamp_min(1).double()
+        return torch.multinomial(1.0 / per_class[labels], count, replacement=True, generator=generator)
+    reps = math.ceil(count / len(labels))
+    return torch.cat([torch.randperm(len(labels), generator=generator) for _ in range(reps)])[:count]
+
+
+def epoch_order(
+    primary_labels: torch.Tensor,
+    mix_labels: torch.Tensor | None,
+    mix_ratio: float,
+    balanced: bool,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Indices into cat(primary, mix) for one epoch: len(primary) samples, round(mix_ratio * len) of
+    them from the mix pool, shuffled together."""
+    total = len(primary_labels)
+    n_mix = round(mix_ratio * total) if mix_labels is not None and len(mix_labels) else 0
+    primary = draw(primary_labels, total - n_mix, generator, balanced)
+    mixed = draw(mix_labels, n_mix, generator, balanced) + total if n_mix else primary[:0]
+    order = torch.cat([primary, mixed])
+    return order[torch.randperm(len(order), generator=generator)]
+
+
+def class_weight(open_share: float, balance: str) -> torch.Tensor | None:
+    """Per-class loss weights [closed, open] that make both classes count equally (--balance pos_weight)."""
+    if balance != "pos_weight":
+        return None
+    share = min(max(open_share, 1e-3), 1 - 1e-3)
+    return torch.tensor([0.5 / (1 - share), 0.5 / share], dtype=torch.float32)
+
+
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    """Full batches plus the remainder, unless the remainder is one sample (BatchNorm cannot train on it)."""
+    return num_samples // batch_size + (1 if num_samples % batch_size >= 2 else 0)
+
+
+def to_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 NCHW -> float in [0, 1] on `device`, channels-last (faster convolutions on CPU and GPU)."""
+    x = batch.to(device, non_blocking=True).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move the uint8 images to the GPU when they fit comfortably; otherwise keep them (pinned) on the host."""
+    if device.type != "cuda":
+        return images
+    free, _ = torch.cuda.mem_get_info(device)
+    if images.numel() < 0.5 * free:
+        return images.to(device)
+    log.info("images (%.1f GiB) stay in host memory; batches are copied per step", images.numel() / 2**30)
+    return images.pin_memory()
+
+
+@dataclass
+class TrainingPool:
+    """The images an epoch samples from: train, then the mixed-in pool (indices >= len(train)), with
+    labels and the class weights of the loss; on the training device when they fit."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_weight: torch.Tensor | None
+
+    @classmethod
+    def build(cls, train, mix, *, mix_ratio: float, balance: str, device: torch.device) -> "TrainingPool":
+        images = torch.cat([train.images, mix.images]) if mix is not None else train.images
+        labels = torch.cat([train.labels, mix.labels]) if mix is not None else train.labels
+        open_share = float(train.labels.double().mean()) * (1 - mix_ratio)
+        if mix is not None:
+            open_share += float(mix.labels.double().mean()) * mix_ratio
+        weight = class_weight(open_share, balance)
+        images = place_images(images, device)
+        return cls(images, labels.to(images.device), None if weight is None else weight.to(device))
