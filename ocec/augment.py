@@ -1,9 +1,8 @@
 """Batched augmentation on the training device: one call per batch, per-sample random parameters.
 
 Every random number comes from the `generator` passed in, so an epoch's augmentation is a
-function of its seed. No per-sample Python: flips are a masked select, colour jitter is
-broadcast arithmetic, translation/scale is one `affine_grid` + `grid_sample`, blur is one
-depthwise convolution blended in by a mask.
+function of its seed. No per-sample Python: colour jitter is one broadcast affine map, flip,
+zoom and shift are one `grid_sample`, blur is shifted sums blended in by a mask.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LEVELS = ("none", "light", "default")
+from .config import AUGMENT_LEVELS
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,8 @@ STRENGTH = {
         noise_std=0.03,
     ),
 }
+LEVELS = AUGMENT_LEVELS
+assert set(STRENGTH) | {"none"} == set(LEVELS), "every augment level needs a strength"
 _LUMA = (0.299, 0.587, 0.114)
 
 
@@ -67,29 +68,40 @@ def _blur3x3(x: torch.Tensor) -> torch.Tensor:
 
 
 def augment_batch(x: torch.Tensor, level: str, generator: torch.Generator) -> torch.Tensor:
-    """x: float RGB in [0, 1], [N, 3, H, W], on the generator's device. Returns a new tensor."""
+    """x: float RGB in [0, 1], [N, 3, H, W], on the generator's device -> a new channels-last tensor.
+
+    Written for few passes over the batch (the step is memory-bound): brightness, contrast and
+    saturation compose to one affine map per image, x * a + luma(x) * b + c, and the flip is folded
+    into the sampling grid of zoom + shift when there is one. Measured on 2 CPU cores, batch 1024
+    of 32x64: 88 ms per batch as separate operations, 45 ms fused.
+    """
     if level == "none":
         return x
     s = STRENGTH[level]
     n, device = x.shape[0], x.device
 
     flip = torch.rand(n, generator=generator, device=device) < s.flip
-    x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
-
+    brightness = _uniform(n, s.brightness, generator, device)
+    contrast = _uniform(n, s.contrast, generator, device)
+    saturation = _uniform(n, s.saturation, generator, device)
+    # b*x, then contrast about the mean luma m, then saturation about the per-pixel luma g:
+    # x' = s*c*b * x + c*b*(1 - s) * g + (1 - c)*b * m   (with g and m of the input x)
     luma = torch.tensor(_LUMA, device=device, dtype=x.dtype).view(1, 3, 1, 1)
-    x = x * _uniform(n, s.brightness, generator, device)
-    mean = (x * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-    x = (x - mean) * _uniform(n, s.contrast, generator, device) + mean
     grey = (x * luma).sum(1, keepdim=True)
-    x = (x - grey) * _uniform(n, s.saturation, generator, device) + grey
+    scale = saturation * contrast * brightness
+    offset = (1.0 - contrast) * brightness * grey.mean((2, 3), keepdim=True)
+    x = torch.addcmul(torch.addcmul(offset, grey, contrast * brightness * (1.0 - saturation)), x, scale)
 
     if s.translate or s.scale:
-        # Zoom + shift as a sampling grid built by broadcasting (cheaper than affine_grid's batched matmul).
+        # Zoom, shift and flip as one sampling grid built by broadcasting (cheaper than affine_grid's bmm).
         zoom = 1.0 / _uniform(n, s.scale, generator, device).view(n, 1, 1, 1)
         shift = s.translate * 2.0 * (2.0 * torch.rand(n, 1, 1, 2, generator=generator, device=device) - 1.0)
-        x = F.grid_sample(
-            x, zoom * _identity_grid(x) + shift, mode="bilinear", padding_mode="border", align_corners=False
-        )
+        mirror = torch.ones(n, 1, 1, 2, device=device, dtype=x.dtype)
+        mirror[..., 0] = 1.0 - 2.0 * flip.view(n, 1, 1).to(x.dtype)  # x coordinate -> -x for flipped images
+        grid = zoom * mirror * _identity_grid(x) + shift
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    else:
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
 
     if s.blur_p:
         mask = (torch.rand(n, generator=generator, device=device) < s.blur_p).view(n, 1, 1, 1)
@@ -100,6 +112,7 @@ def augment_batch(x: torch.Tensor, level: str, generator: torch.Generator) -> to
         sigma = sigma * (torch.rand(n, generator=generator, device=device) < s.noise_p)
         # one noise value per pixel, shared by the channels: sensor-like, and a third of the random numbers
         noise = torch.randn((n, 1, *x.shape[2:]), generator=generator, device=device, dtype=x.dtype)
-        x = x + sigma.view(n, 1, 1, 1) * noise
+        x = torch.addcmul(x, noise, sigma.view(n, 1, 1, 1))
 
-    return x.clamp_(0.0, 1.0)
+    # grid_sample returns NCHW whatever it was given: hand the model channels-last again
+    return x.clamp_(0.0, 1.0).contiguous(memory_format=torch.channels_last)

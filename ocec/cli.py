@@ -20,6 +20,7 @@ from .config import (
     ARCH_VARIANTS,
     AUGMENT_LEVELS,
     BALANCE_MODES,
+    DEVICE_HELP,
     HEAD_VARIANTS,
     MARGIN_DEFAULTS,
     MARGIN_INITS,
@@ -31,7 +32,6 @@ from .config import (
     parse_stages,
 )
 from .errors import Interrupted, UserError
-from .runtime import DEVICE_HELP
 
 log = logging.getLogger("ocec")
 TRAIN_DEFAULTS = {**asdict(ModelConfig()), **asdict(TrainConfig())}
@@ -146,6 +146,11 @@ def _add_train(sub) -> None:
     g.add_argument("--seed", type=int, help="seeds splits, init, sampling, augmentation, dropout")
     g.add_argument("--device", help=DEVICE_HELP)
     g.add_argument("--use_amp", action="store_true", help="mixed precision: fp16+GradScaler on CUDA, bf16 on CPU")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training forward/backward (pays off on GPUs; falls back with a message)",
+    )
 
     g = p.add_argument_group("fine-tuning")
     g.add_argument(

@@ -66,7 +66,7 @@ def _data_options(args: argparse.Namespace) -> dict:
         raise UserError(f"--batch_size must be a positive integer, got {args.batch_size}")
     if not 0.0 <= args.max_bad_fraction <= 1.0:
         raise UserError(f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}")
-    from .data import cache_location
+    from .decode import cache_location
 
     return dict(
         batch_size=args.batch_size,

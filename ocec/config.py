@@ -1,5 +1,6 @@
 """Configuration dataclasses: where every default lives, how values are validated and serialised,
-and how a run's settings merge with a checkpoint's (`--pretrain`, `--resume`).
+and how a run's settings merge with a checkpoint's (`--pretrain`, `--resume`). No torch here: the CLI
+and the decode/synth worker processes import this module, and should start fast and small.
 
 `ModelConfig` is everything needed to rebuild a model (it travels inside every checkpoint);
 `TrainConfig` is everything else a training run needs. Both convert to and from plain dicts so
@@ -13,7 +14,6 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from .augment import LEVELS as AUGMENT_LEVELS
 from .errors import UserError
 
 ARCH_VARIANTS = ("baseline", "inverted_se", "convnext")
@@ -22,6 +22,8 @@ MARGIN_METHODS = ("none", "arcface", "cosface")
 AUTO_HEAD = {"baseline": "avg", "inverted_se": "avgmax_mlp", "convnext": "avgmax_mlp"}
 MARGIN_DEFAULTS = {"cosface": (8.0, 0.35), "arcface": (8.0, 0.2), "none": (8.0, 0.0)}  # (scale s, margin m)
 PLATEAU_METRICS = ("val_loss", "val_f1")
+AUGMENT_LEVELS = ("none", "light", "default")  # strengths in augment.py
+DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
 BALANCE_MODES = ("none", "pos_weight", "sampler")
 MARGIN_INITS = ("auto", "random", "from_linear")
 
@@ -32,6 +34,7 @@ STRUCTURAL_FIELDS = ("arch_variant", "base_channels", "num_blocks", "head_varian
 RESUME_OVERRIDABLE = (
     "epochs",
     "device",
+    "compile",
     "num_workers",
     "cache_dir",
     "no_cache",
@@ -168,6 +171,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     use_amp: bool = False
+    compile: bool = False
     lr: float = 1e-3
     backbone_lr: float | None = None  # None: --lr (likewise head_lr, margin_lr)
     head_lr: float | None = None

@@ -14,12 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .data import Split, decode_image_bytes, load_dataset
+from .data import Split, load_dataset
+from .decode import decode_image_bytes
 from .errors import UserError
 from .fileio import to_jsonable, write_text_atomic
-from .inference import predict_split, require_finite
+from .inference import predict_batches, predict_split, require_finite
 from .metrics import fisher_ratio, full_report
 from .pretrained import Snapshot, choose_best, load_for_inference
+from .reporting import progress
 from .runtime import resolve_device
 
 log = logging.getLogger("ocec")
@@ -55,11 +57,7 @@ def load_split(
         max_bad_fraction=max_bad_fraction,
     )
     if split == "all":
-        parts = [s for s in data.splits.values() if len(s)]
-        if not parts:
-            raise UserError(f"--data_root {data_root}: no rows")
-        sources = None if parts[0].sources is None else np.concatenate([p.sources for p in parts])
-        return Split("all", torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), sources)
+        return data.all()
     chosen = data.get(split)
     if chosen is None:
         raise UserError(f"--data_root {data_root}: the {split} split is empty (try --split all)")
@@ -100,7 +98,7 @@ def evaluate_checkpoint(
             **settings,
         )
     data = loaded[key]
-    logits, embeddings = predict_split(model, data.images, batch_size=batch_size, device=dev)
+    logits, embeddings = predict_split(model, data, batch_size=batch_size, device=dev)
     return report_predictions(snap, data, logits, embeddings, threshold)
 
 
@@ -323,23 +321,32 @@ def predict_images(
     batch_size: int = 256,
     device: str = "auto",
 ) -> list[dict]:
-    """prob_open per image file, resized exactly as in training; unreadable files are skipped with a warning."""
+    """prob_open per image file, resized exactly as in training; unreadable files are skipped with a warning.
+    Files are decoded and predicted one batch at a time, so a folder of any size fits in memory."""
     dev = resolve_device(device)
     model, snap, why = load_for_inference(checkpoint, dev)
     log.info("checkpoint: %s", why)
     files = collect_images(inputs)
-    images, kept, failed = [], [], []
-    for f in files:
-        try:
-            images.append(torch.from_numpy(decode_image_bytes(None, str(f), "", snap.model_config.image_size)))
-            kept.append(f)
-        except ValueError as exc:
-            failed.append(f"{f}: {exc}")
+    kept, failed = [], []
+
+    def decoded_batches():
+        for start in range(0, len(files), batch_size):
+            images = []
+            for f in files[start : start + batch_size]:
+                try:
+                    images.append(torch.from_numpy(decode_image_bytes(None, str(f), "", snap.model_config.image_size)))
+                    kept.append(f)
+                except ValueError as exc:
+                    failed.append(f"{f}: {exc}")
+            if images:
+                yield torch.stack(images)
+
+    batches = progress(decoded_batches(), total=-(-len(files) // batch_size), desc="predict", unit="batch")
+    logits, _ = predict_batches(model, batches, device=dev)
     if failed:
         log.warning("predict: %d unreadable file(s) skipped, e.g. %s", len(failed), "; ".join(failed[:3]))
     if not kept:
         raise UserError("--inputs: none of the images could be read")
-    logits, _ = predict_split(model, torch.stack(images), batch_size=batch_size, device=dev, desc="predict")
     require_finite(logits, f"--checkpoint {snap.path}")
     probs = torch.sigmoid(logits).numpy()
     rows = [

@@ -48,7 +48,7 @@ def check_images(image_size: tuple[int, int], count: int = 16) -> torch.Tensor:
     open and closed, both styles. Realistic inputs keep logits in the range where errors show."""
     import numpy as np
 
-    from .data import decode_image_bytes
+    from .decode import decode_image_bytes
     from .synth import encode, make_subjects, render_eye
 
     rng = np.random.default_rng(0)

@@ -15,21 +15,18 @@ from .runtime import autocast
 from .sampling import to_float
 
 
+EVAL_BATCH = 1024  # at least this many images per forward pass when evaluating
+
+
 @torch.inference_mode()
-def predict_split(
-    model: OcecModel,
-    images: torch.Tensor,
-    *,
-    batch_size: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    desc: str = "eval",
+def predict_batches(
+    model: OcecModel, batches, *, device: torch.device, amp_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Margin-free logits and embeddings (float32, CPU) for uint8 images, in eval mode."""
+    """Margin-free logits and embeddings (float32, CPU) for an iterable of uint8 batches, in eval mode."""
     model.eval()
     logits, embeddings = [], []
-    for start in progress(range(0, len(images), batch_size), desc=desc, unit="batch"):
-        x = to_float(images[start : start + batch_size], device)
+    for batch in batches:
+        x = to_float(batch, device)
         with autocast(device, amp_dtype):
             emb = model.embed(x)
             logit = model.margin_head.logit(emb)
@@ -38,6 +35,22 @@ def predict_split(
     if not logits:
         return torch.empty(0), torch.empty(0, model.head.out_features)
     return torch.cat(logits), torch.cat(embeddings)
+
+
+def predict_split(
+    model: OcecModel,
+    split: Split,
+    *,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    desc: str = "eval",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and embeddings of every image of a split, in order, `batch_size` (or EVAL_BATCH) at a time."""
+    size = max(batch_size, EVAL_BATCH)
+    total = -(-len(split) // size)
+    batches = progress(split.batches(size), total=total, desc=desc, unit="batch")
+    return predict_batches(model, batches, device=device, amp_dtype=amp_dtype)
 
 
 def require_finite(logits: torch.Tensor, what: str, why: str = "the weights hold NaN or inf values") -> None:
@@ -56,7 +69,7 @@ def evaluate_split(
 ) -> tuple[dict, np.ndarray]:
     """Margin-free BCE loss, the classification report and the Fisher ratio of one split, and its probabilities."""
     logits, embeddings = predict_split(
-        model, split.images, batch_size=batch_size, device=device, amp_dtype=amp_dtype, desc=desc
+        model, split, batch_size=batch_size, device=device, amp_dtype=amp_dtype, desc=desc
     )
     require_finite(
         logits,

@@ -14,6 +14,7 @@ where a plateau reduction multiplies the scale by `factor` but never takes the r
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -24,10 +25,13 @@ from .config import ModelConfig, Stage, TrainConfig
 from .model import OcecModel, build_model, parameter_group_of
 from .runtime import amp_dtype, grad_scaler
 
+log = logging.getLogger("ocec")
 GROUPS = ("backbone", "head", "margin_head")
 
 
 def build_optimizer(model: nn.Module, group_lrs: dict[str, float], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over named groups; fused where the device supports it (one kernel for all parameters: 4x
+    faster than foreach on CPU here, and it can skip a step on the device, see `optimizer_step`)."""
     groups = []
     for group in GROUPS:
         params = [(n, p) for n, p in model.named_parameters() if parameter_group_of(n) == group]
@@ -44,7 +48,25 @@ def build_optimizer(model: nn.Module, group_lrs: dict[str, float], weight_decay:
                         "weight_decay": wd,
                     }
                 )
-    return torch.optim.AdamW(groups, lr=group_lrs["head"])
+    try:
+        return torch.optim.AdamW(groups, lr=group_lrs["head"], fused=True)
+    except RuntimeError:  # a device without a fused kernel
+        return torch.optim.AdamW(groups, lr=group_lrs["head"])
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, finite: torch.Tensor) -> None:
+    """One optimizer step, skipped when `finite` (a 0-d bool tensor on the device) is False, without
+    reading it on the host: a fused optimizer takes the skip as `found_inf`, as GradScaler uses it. An
+    active GradScaler skips fp16 overflow itself."""
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+    elif getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
+        optimizer.step()
+        del optimizer.grad_scale, optimizer.found_inf
+    elif bool(finite):  # a device without a fused optimizer: read the flag
+        optimizer.step()
+    scaler.update()
 
 
 # --- freezing ---------------------------------------------------------------------------------
@@ -244,6 +266,29 @@ class LRSchedule:
 # --- what a training step updates ---------------------------------------------------------------
 
 
+class TrainingLoss:
+    """The model's training loss and logits for a batch: (x, y, class_weight) -> (loss, logit).
+    With `compile`, torch.compile'd; where that fails (no compiler, an unsupported backend) it says so
+    in one line and runs eagerly."""
+
+    def __init__(self, model: OcecModel, compile: bool = False):
+        self.model = model
+        self.compiled = torch.compile(self.eager) if compile else None
+
+    def eager(self, x: torch.Tensor, y: torch.Tensor, class_weight: torch.Tensor | None):
+        return self.model.margin_head.training_loss(self.model.embed(x), y, class_weight)
+
+    def __call__(self, x, y, class_weight):
+        if self.compiled is not None:
+            try:
+                return self.compiled(x, y, class_weight)
+            except Exception as exc:  # noqa: BLE001 - any backend failure: fall back, the loss is the same
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                log.warning("--compile: cannot compile on this machine (%s); training without it", first)
+                self.compiled = None
+        return self.eager(x, y, class_weight)
+
+
 @dataclass
 class Learner:
     """The model and everything that updates it; its state dict is what a checkpoint must restore."""
@@ -252,6 +297,7 @@ class Learner:
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
     scaler: torch.amp.GradScaler
+    loss: TrainingLoss
 
     @classmethod
     def build(cls, model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int, device: torch.device) -> "Learner":
@@ -269,7 +315,8 @@ class Learner:
             mode,
             cfg.min_lr,
         )
-        return cls(model, optimizer, schedule, grad_scaler(device, amp_dtype(device, cfg.use_amp)))
+        scaler = grad_scaler(device, amp_dtype(device, cfg.use_amp))
+        return cls(model, optimizer, schedule, scaler, TrainingLoss(model, cfg.compile))
 
     def state_dict(self) -> dict:
         return {

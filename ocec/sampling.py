@@ -68,38 +68,66 @@ def steps_per_epoch(num_samples: int, batch_size: int) -> int:
 
 
 def to_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 NCHW -> float in [0, 1] on `device`, channels-last (faster convolutions on CPU and GPU)."""
-    x = batch.to(device, non_blocking=True).float().div_(255.0)
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move the uint8 images to the GPU when they fit comfortably; otherwise keep them (pinned) on the host."""
-    if device.type != "cuda":
-        return images
-    free, _ = torch.cuda.mem_get_info(device)
-    if images.numel() < 0.5 * free:
-        return images.to(device)
-    log.info("images (%.1f GiB) stay in host memory; batches are copied per step", images.numel() / 2**30)
-    return images.pin_memory()
+    """uint8 NCHW -> float in [0, 1] on `device`, channels-last (faster convolutions on CPU and GPU;
+    the layout changes while the batch is still uint8, a quarter of the bytes)."""
+    x = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    return x.float().div_(255.0)
 
 
 @dataclass
 class TrainingPool:
-    """The images an epoch samples from: train, then the mixed-in pool (indices >= len(train)), with
-    labels and the class weights of the loss; on the training device when they fit."""
+    """The images an epoch samples from: the train split's rows, then the mixed-in split's rows
+    (pool index >= len(train)), each gathered from its own dataset's images (no copies are joined),
+    with the labels and the loss's class weights. On CUDA the pool is copied to the GPU when it fits."""
 
-    images: torch.Tensor
+    parts: list[tuple[torch.Tensor, torch.Tensor]]  # (a dataset's images, its rows in the pool), in pool order
     labels: torch.Tensor
     class_weight: torch.Tensor | None
 
     @classmethod
     def build(cls, train, mix, *, mix_ratio: float, balance: str, device: torch.device) -> "TrainingPool":
-        images = torch.cat([train.images, mix.images]) if mix is not None else train.images
-        labels = torch.cat([train.labels, mix.labels]) if mix is not None else train.labels
+        splits = [train] if mix is None else [train, mix]
         open_share = float(train.labels.double().mean()) * (1 - mix_ratio)
         if mix is not None:
             open_share += float(mix.labels.double().mean()) * mix_ratio
         weight = class_weight(open_share, balance)
-        images = place_images(images, device)
-        return cls(images, labels.to(images.device), None if weight is None else weight.to(device))
+        labels = torch.cat([s.labels for s in splits])
+        parts = [(s.images, s.rows) for s in splits]
+        if device.type == "cuda" and _fits_on(device, sum(len(s) for s in splits) * train.images[0].numel()):
+            resident = torch.cat([_to_device(s, device) for s in splits])
+            parts = [(resident, torch.arange(len(resident), device=device))]
+        return cls(parts, labels.to(parts[0][0].device), None if weight is None else weight.to(device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0][0].device
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 images [len(idx), 3, H, W] of pool indices `idx` (on the pool's device)."""
+        if len(self.parts) == 1:
+            images, rows = self.parts[0]
+            return images[rows[idx]]
+        images0 = self.parts[0][0]
+        out = torch.empty((len(idx), *images0.shape[1:]), dtype=images0.dtype, device=images0.device)
+        start = 0
+        for images, rows in self.parts:
+            inside = (idx >= start) & (idx < start + len(rows))
+            out[inside] = images[rows[idx[inside] - start]]
+            start += len(rows)
+        return out
+
+
+def _fits_on(device: torch.device, nbytes: int) -> bool:
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes < 0.5 * free:
+        return True
+    log.info("training images (%.1f GiB) stay in host memory; batches are copied per step", nbytes / 2**30)
+    return False
+
+
+def _to_device(split, device: torch.device, chunk: int = 65536) -> torch.Tensor:
+    """A split's images on `device`, copied in chunks (host memory never holds the whole split twice)."""
+    out = torch.empty((len(split), *split.images.shape[1:]), dtype=torch.uint8, device=device)
+    for start in range(0, len(split), chunk):
+        out[start : start + chunk] = split.take(slice(start, start + chunk)).to(device)
+    return out

@@ -47,7 +47,7 @@ def plan_start(settings: dict) -> Start:
             log.warning(
                 "--resume: these flags are taken from the checkpoint, not the command line: %s", ", ".join(ignored)
             )
-        step = f" step {raw['step']}" if raw.get("step") else ""
+        step = f" step {raw['step']}" if "partial" in raw else ""
         log.info("resuming %s from epoch %d%s", path.parent, raw["epoch"], step)
         return Start(cfg, model_cfg.validate(), resume_path=path, resume=raw)
     if cfg.pretrain:

@@ -36,10 +36,10 @@ from .errors import Interrupted, UserError
 from .fileio import remove_stale_temporaries, to_jsonable, write_json_atomic
 from .inference import evaluate_split
 from .metrics import binary_report, is_defined
-from .optim import Learner, count_trainable_units, enter_epoch_stage, freeze_batchnorm_statistics
+from .optim import Learner, count_trainable_units, enter_epoch_stage, freeze_batchnorm_statistics, optimizer_step
 from .reporting import Reporter, check_optional, epoch_line, epoch_row, fmt, progress
 from .rundir import check_writable, next_run_dir, removed_if_left_empty, run_log, write_history, write_summary
-from .runtime import StopFlag, amp_dtype, autocast, resolve_device, stop_signals
+from .runtime import StopFlag, amp_dtype, autocast, keep_freed_memory, resolve_device, stop_signals
 from .sampling import (
     AUGMENT_STREAM,
     DROPOUT_STREAM,
@@ -65,6 +65,8 @@ def train(**settings) -> Path:
         cfg, model_cfg = start.cfg, start.model_cfg
         check_optional(cfg.tensorboard, cfg.save_diagnostics)
         device = resolve_device(cfg.device)
+        if device.type == "cpu":
+            keep_freed_memory()
         if start.resume:
             output_dir = check_writable(start.resume_path.parent, "--resume")
         else:
@@ -148,104 +150,145 @@ class Job:
 
 @dataclass
 class EpochState:
-    """Progress inside an epoch; interrupt checkpoints save it (with the augmentation generator's
-    state), so a stopped epoch resumes mid-way with the same statistics. Sums stay on the device."""
+    """Progress inside an epoch, in buffers allocated once per epoch on the training device: the loop
+    never waits for the device (except to check skipped steps every `check_every` steps), and keeps no
+    per-step objects alive (small tensors kept for an epoch between each step's large short-lived ones
+    fragmented the heap: +4 MB per step). Interrupt checkpoints save it with the augmentation
+    generator's state, so a stopped epoch resumes mid-way with the same statistics."""
 
-    total_steps: int = 0
-    aug_gen: torch.Generator | None = None
+    order: torch.Tensor  # the epoch's pool indices
+    batch_size: int
+    aug_gen: torch.Generator
     step: int = 0
-    seen: int = 0
-    loss_sum: torch.Tensor | float = 0.0  # accumulated in float64, one step after another
-    logits: list = field(default_factory=list)
-    labels: list = field(default_factory=list)
+    loss_sum: torch.Tensor | float = 0.0  # float64, over the images of steps taken
+    kept: torch.Tensor | int = 0  # images of steps taken
+    logits: torch.Tensor | None = None  # one per sample of `order`, filled as the steps go
+    taken: torch.Tensor | None = None  # one per step: the step was taken (not skipped)
+    unchecked: list = field(default_factory=list)  # per step since the last check: 0 ok, 1 loss, 2 gradient non-finite
+
+    def __post_init__(self):
+        device = self.aug_gen.device
+        self.logits = torch.zeros(len(self.order), device=device)
+        self.taken = torch.zeros(self.total_steps, dtype=torch.bool, device=device)
+
+    @property
+    def total_steps(self) -> int:
+        return steps_per_epoch(len(self.order), self.batch_size)
 
     @property
     def finished(self) -> bool:
         return self.step >= self.total_steps
 
-    def add(self, loss: torch.Tensor, logit: torch.Tensor, labels: torch.Tensor) -> None:
-        self.loss_sum = self.loss_sum + loss.detach().double() * len(labels)
-        self.seen += len(labels)
-        self.logits.append(logit.detach().float())
-        self.labels.append(labels)
+    @property
+    def seen(self) -> int:
+        """Images processed so far, skipped steps included."""
+        return min(self.step * self.batch_size, len(self.order))
+
+    def batch(self) -> torch.Tensor:
+        return self.order[self.seen : self.seen + self.batch_size]
+
+    def add(self, loss: torch.Tensor, logit: torch.Tensor, loss_ok, grad_ok) -> None:
+        taken = loss_ok & grad_ok
+        self.logits[self.seen : self.seen + len(logit)] = logit.detach().float()
+        self.taken[self.step] = taken
+        self.loss_sum = self.loss_sum + torch.where(taken, loss.detach().double() * len(logit), 0.0)
+        self.kept = self.kept + taken.long() * len(logit)
+        self.unchecked.append(torch.where(loss_ok, torch.where(grad_ok, 0, 2), 1))
+        self.step += 1
 
     def mean_loss(self) -> float:
-        return float(self.loss_sum) / max(1, self.seen)
+        return float(self.loss_sum) / max(1, int(self.kept))
 
-    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, labels) of the epoch so far, on the CPU."""
-        if not self.logits:
-            return torch.empty(0), torch.empty(0, dtype=torch.long)
-        return torch.cat(self.logits).cpu(), torch.cat(self.labels).cpu()
+    def outputs(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, labels) of the samples of the steps taken so far, on the CPU; `labels` of the pool."""
+        n = self.seen
+        taken = self.taken[torch.arange(n, device=self.taken.device) // self.batch_size].cpu()
+        return self.logits[:n].cpu()[taken], labels[self.order[:n]].cpu()[taken]
 
     def to_dict(self) -> dict:
-        logits, labels = self.outputs()
         loss_sum = torch.as_tensor(self.loss_sum, dtype=torch.float64).cpu()
-        return {"step": self.step, "seen": self.seen, "loss_sum": loss_sum, "logits": logits, "labels": labels}
+        logits, taken = self.logits[: self.seen].cpu(), self.taken[: self.step].cpu()
+        return {"step": self.step, "kept": int(self.kept), "loss_sum": loss_sum, "logits": logits, "taken": taken}
 
-    @classmethod
-    def from_dict(cls, data: dict, aug_gen: torch.Generator) -> "EpochState":
-        device = aug_gen.device
-        logits, labels = [data["logits"].to(device)], [data["labels"].to(device)]
-        return cls(0, aug_gen, data["step"], data["seen"], data["loss_sum"].to(device), logits, labels)
+    def load(self, data: dict) -> "EpochState":
+        device = self.aug_gen.device
+        self.step, self.kept, self.loss_sum = data["step"], data["kept"], data["loss_sum"].to(device)
+        self.logits[: len(data["logits"])] = data["logits"].to(device)
+        self.taken[: len(data["taken"])] = data["taken"].to(device)
+        return self
 
 
-def train_one_epoch(job: Job, epoch: int, stop: StopFlag, partial: EpochState | None = None) -> EpochState:
+def train_one_epoch(job: Job, epoch: int, stop: StopFlag, partial: dict | None = None) -> EpochState:
     """One pass over the epoch's seeded sample order; stops early (state.finished False) on a signal.
-    `partial` continues an interrupted epoch."""
-    cfg, pool, device = job.cfg, job.pool, job.device
-    model, optimizer, scaler = job.learner.model, job.learner.optimizer, job.learner.scaler
+    `partial` (an interrupted epoch's saved state and generator states) continues it."""
+    cfg, device = job.cfg, job.device
     mix_labels = job.data.mix.labels if job.data.mix is not None else None
     order_gen = epoch_generator(cfg.seed, epoch, ORDER_STREAM)
     order = epoch_order(job.data.train.labels, mix_labels, cfg.mix_ratio, cfg.balance == "sampler", order_gen)
-    order = order.to(pool.images.device)
+    aug_gen = epoch_generator(cfg.seed, epoch, AUGMENT_STREAM, device)
+    state = EpochState(order.to(job.pool.device), cfg.batch_size, aug_gen)
     if partial is None:
         torch.manual_seed(epoch_seed(cfg.seed, epoch, DROPOUT_STREAM))
-        partial = EpochState(aug_gen=epoch_generator(cfg.seed, epoch, AUGMENT_STREAM, device))
-    state = partial
-    state.total_steps = steps_per_epoch(len(order), cfg.batch_size)
-    model.train()
-    freeze_batchnorm_statistics(model)
-    params = list(model.parameters())
+    else:
+        torch.set_rng_state(partial["rng"]["torch"])
+        aug_gen.set_state(partial["rng"]["aug"])
+        state.load(partial["partial"])
+    return continue_epoch(job, epoch, state, stop)
+
+
+def continue_epoch(job: Job, epoch: int, state: EpochState, stop: StopFlag) -> EpochState:
+    """The steps of an epoch from `state.step` on, until it ends or `stop` is raised."""
+    cfg, pool, device, learner = job.cfg, job.pool, job.device, job.learner
+    learner.model.train()
+    freeze_batchnorm_statistics(learner.model)
+    params = list(learner.model.parameters())
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    check_every = 1 if device.type == "cpu" else 32  # reading a flag waits for a GPU; on a CPU it is free
     bar = progress(total=state.total_steps, initial=state.step, desc=f"epoch {epoch}", unit="step")
     while not state.finished and stop.signum is None:
-        idx = order[state.step * cfg.batch_size : (state.step + 1) * cfg.batch_size]
-        x = augment_batch(to_float(pool.images[idx], device), cfg.augment, state.aug_gen)
+        idx = state.batch()
+        x = augment_batch(to_float(pool.take(idx), device), cfg.augment, state.aug_gen)
         y = pool.labels[idx].to(device, non_blocking=True)
         with autocast(device, job.amp_dtype):
-            loss, logit = model.margin_head.training_loss(model.embed(x), y, pool.class_weight)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
+            loss, logit = learner.loss(x, y, pool.class_weight)
+        learner.optimizer.zero_grad(set_to_none=True)
+        learner.scaler.scale(loss).backward()
+        learner.scaler.unscale_(learner.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        # An active GradScaler owns fp16 overflow (it skips those steps and lowers its scale);
-        # otherwise a non-finite loss or gradient is ours to skip. This reads one value per step.
-        finite = torch.isfinite(loss) if scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(grad_norm)
-        if bool(finite):
-            scaler.step(optimizer)
-            job.bad_steps = 0
-            state.add(loss, logit, y)
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            skip_step(job, epoch, state.step + 1, "loss" if not torch.isfinite(loss) else "gradient")
-        scaler.update()
-        job.learner.schedule.step()
-        state.step += 1
+        # An active GradScaler owns fp16 overflow in the gradients; otherwise a non-finite gradient is ours to skip.
+        loss_ok = torch.isfinite(loss)
+        grad_ok = torch.ones_like(loss_ok) if learner.scaler.is_enabled() else torch.isfinite(grad_norm)
+        optimizer_step(learner.optimizer, learner.scaler, loss_ok & grad_ok)
+        state.add(loss, logit, loss_ok, grad_ok)
+        learner.schedule.step()
+        if state.step % check_every == 0:
+            check_skipped_steps(job, epoch, state)
         bar.update(1)
     bar.close()
+    check_skipped_steps(job, epoch, state)
     return state
 
 
-def skip_step(job: Job, epoch: int, step: int, what: str) -> None:
-    job.bad_steps += 1
-    log.warning("epoch %d step %d: non-finite %s, step skipped (%d in a row)", epoch, step, what, job.bad_steps)
-    if job.bad_steps >= job.cfg.max_bad_steps:
-        raise UserError(
-            f"{job.bad_steps} consecutive training steps were non-finite (epoch {epoch}, step {step}): the "
-            f"learning rate ({job.learner.schedule.lrs()}) is likely too high or the data broken; the best and "
-            f"last good checkpoints in {job.run_dir} are intact"
-        )
+def check_skipped_steps(job: Job, epoch: int, state: EpochState) -> None:
+    """Warn about each skipped step since the last check; stop after --max_bad_steps in a row."""
+    if not state.unchecked:
+        return
+    codes = torch.stack(state.unchecked).tolist()  # the one read of the device per check
+    first = state.step - len(codes) + 1
+    state.unchecked.clear()
+    for step, code in enumerate(codes, start=first):
+        if code == 0:
+            job.bad_steps = 0
+            continue
+        job.bad_steps += 1
+        what = "loss" if code == 1 else "gradient"
+        log.warning("epoch %d step %d: non-finite %s, step skipped (%d in a row)", epoch, step, what, job.bad_steps)
+        if job.bad_steps >= job.cfg.max_bad_steps:
+            raise UserError(
+                f"{job.bad_steps} consecutive training steps were non-finite (epoch {epoch}, step {step}): the "
+                f"learning rate ({job.learner.schedule.lrs()}) is likely too high or the data broken; the best and "
+                f"last good checkpoints in {job.run_dir} are intact"
+            )
 
 
 # --- the end of an epoch: evaluate, schedule, keep -----------------------------------------------
@@ -253,7 +296,7 @@ def skip_step(job: Job, epoch: int, step: int, what: str) -> None:
 
 def end_epoch(job: Job, epoch: int, state: EpochState, *, seconds: float, started: float, reporter: Reporter) -> None:
     cfg, schedule, record, model = job.cfg, job.learner.schedule, job.record, job.learner.model
-    logits, labels = state.outputs()
+    logits, labels = state.outputs(job.pool.labels)
     metrics = {"train": {"loss": state.mean_loss(), **binary_report(labels.numpy(), torch.sigmoid(logits).numpy())}}
     val_probs = None
     evaluate = dict(batch_size=cfg.batch_size, device=job.device, amp_dtype=job.amp_dtype)
@@ -318,21 +361,16 @@ def stop_run(job: Job, stop: StopFlag, checkpoint: Path):
     raise Interrupted(stop.signum, checkpoint)
 
 
-def resume_job(job: Job, raw: dict) -> tuple[int, EpochState | None]:
-    """Restore weights, optimizer, schedule and record -> (the epoch to continue with, the state of
-    an interrupted epoch or None)."""
+def resume_job(job: Job, raw: dict) -> tuple[int, dict | None]:
+    """Restore weights, optimizer, schedule and record -> (the epoch to continue with, what
+    train_one_epoch needs to continue an interrupted epoch, or None)."""
     job.learner.load_state_dict(raw)
     job.record = RunRecord.from_dict(raw)
-    epoch, step = raw["epoch"], raw.get("step", 0)
-    stale = job.keeper.drop_after(epoch - (1 if step else 0))
+    epoch, interrupted = raw["epoch"], "partial" in raw  # an interrupt may come before the epoch's first step
+    stale = job.keeper.drop_after(epoch - 1 if interrupted else epoch)
     if stale:
         log.info("resume: removed checkpoints of epochs after the resumed one: %s", ", ".join(p.name for p in stale))
-    if not step:
-        return epoch + 1, None
-    torch.set_rng_state(raw["rng"]["torch"])  # an interrupted epoch continues where it stopped
-    aug_gen = torch.Generator(device=job.device)
-    aug_gen.set_state(raw["rng"]["aug"])
-    return epoch, EpochState.from_dict(raw["partial"], aug_gen)
+    return (epoch, {"partial": raw["partial"], "rng": raw["rng"]}) if interrupted else (epoch + 1, None)
 
 
 def _defined(value) -> float | None:

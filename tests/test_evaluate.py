@@ -26,9 +26,8 @@ def _load_all(root, image_size):
     data = load_dataset(
         root, image_size, ratios=(0.8, 0.1, 0.1), seed=42, num_workers=0, cache_dir=None, max_bad_fraction=0.01
     )
-    images = torch.cat([data.splits[s].images for s in ("train", "val", "test")])
-    labels = torch.cat([data.splits[s].labels for s in ("train", "val", "test")]).numpy()
-    return images, labels
+    every = data.all()
+    return every, every.labels.numpy()
 
 
 def test_eval_cli_matches_a_direct_computation_and_sources_add_up(ocec, trained_run, data_a, tmp_path):
@@ -41,7 +40,7 @@ def test_eval_cli_matches_a_direct_computation_and_sources_add_up(ocec, trained_
     assert "overall" in result.out and "confusion matrix" in result.out
     # recompute independently: the chosen checkpoint, every row of the dataset, scikit-learn
     model, snap, _ = load_for_inference([str(trained_run)], torch.device("cpu"))
-    images, labels = _load_all(data_a, snap.model_config.image_size)
+    images, labels = _load_all(data_a, snap.model_config.image_size)  # the 'all' split
     probs = torch.sigmoid(predict_split(model, images, batch_size=64, device=torch.device("cpu"))[0]).numpy()
     assert report["overall"]["samples"] == len(labels) == 240
     assert report["overall"]["f1"] == pytest.approx(f1_score(labels, probs >= 0.5))
@@ -188,7 +187,7 @@ def test_compare_scores_every_run_on_the_same_rows(ocec, train, tmp_path):
     data = load_dataset(
         tmp_path / "d", (16, 32), ratios=(0.8, 0.1, 0.1), seed=1, num_workers=0, cache_dir=None, max_bad_fraction=0.01
     )
-    probs = torch.sigmoid(predict_split(model, data.splits["val"].images, batch_size=64, device=torch.device("cpu"))[0])
+    probs = torch.sigmoid(predict_split(model, data.splits["val"], batch_size=64, device=torch.device("cpu"))[0])
     assert rows[1]["data_f1"] == pytest.approx(f1_score(data.splits["val"].labels.numpy(), probs.numpy() >= 0.5))
 
 
@@ -210,7 +209,7 @@ def test_per_source_metrics_group_rows_once(monkeypatch):
     sources = np.array([f"s{i % 50}" for i in range(1000)], dtype=object).view(CountingArray)
     labels = torch.from_numpy(rng.integers(0, 2, 1000))
     logits = torch.randn(1000) + 2 * labels - 1
-    split = Split("val", torch.zeros(1000, 3, 2, 2, dtype=torch.uint8), labels, sources)
+    split = Split("val", torch.zeros(1000, 3, 2, 2, dtype=torch.uint8), torch.arange(1000), labels, sources)
     snap = Snapshot(Path("x.pt"), ModelConfig(), {})
     report = report_predictions(snap, split, logits, torch.randn(1000, 4))
     assert len(comparisons) < 5 and len(report["per_source"]) == 50
@@ -253,3 +252,20 @@ def test_threshold_moves_the_decision(ocec, trained_run, data_a, tmp_path):
         assert ocec("predict", "--checkpoint", trained_run, *flags).code == 0
         rows[threshold] = {r["label"] for r in csv.DictReader(out.open())}
     assert rows == {0.0: {"open"}, 1.01: {"closed"}}
+
+
+def test_predict_streams_a_folder_batch_by_batch(ocec, trained_run, tmp_path, monkeypatch):
+    """Decoding and predicting alternate batch by batch: a folder of any size is never decoded at once."""
+    import ocec.evaluate as evaluate_mod
+    from ocec.model import OcecModel
+
+    write_synthetic(tmp_path / "d", 20, seed=9, style="a", embed_bytes=False)
+    events = []
+    decode, embed = evaluate_mod.decode_image_bytes, OcecModel.embed
+    monkeypatch.setattr(evaluate_mod, "decode_image_bytes", lambda *a: events.append("decode") or decode(*a))
+    monkeypatch.setattr(OcecModel, "embed", lambda self, x: events.append(f"forward {len(x)}") or embed(self, x))
+    result = ocec("predict", "--checkpoint", trained_run, "--inputs", tmp_path / "d" / "images", "--batch_size", 8)
+    assert result.code == 0, result.err
+    forwards = [e for e in events if e.startswith("forward")]
+    assert forwards == ["forward 8", "forward 8", "forward 4"]
+    assert events.index("forward 8") == 8 and events[9] == "decode"  # the 2nd batch is decoded after the 1st ran

@@ -165,3 +165,47 @@ def test_adamw_skips_frozen_parameters():
     for name, p in model.named_parameters():
         changed = not torch.equal(before[name], p)
         assert changed == (not name.startswith("backbone")), name
+
+
+def test_compiled_training_loss_equals_the_eager_one():
+    """--compile must not change what is computed: loss and gradients agree within 1e-5 (relative);
+    the remaining difference is the order of floating-point sums in fused kernels."""
+    import shutil
+
+    from ocec.optim import TrainingLoss
+
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    torch.manual_seed(0)  # no dropout: compiled code draws its random numbers differently
+    model = build_model(ModelConfig(base_channels=8, num_blocks=2, image_size=(16, 32), dropout=0.0))
+    x, y = torch.rand(16, 3, 16, 32), torch.arange(16) % 2
+    results = []
+    for compile in (False, True):
+        loss_fn = TrainingLoss(model, compile=compile)
+        model.zero_grad(set_to_none=True)
+        loss, logit = loss_fn(x, y, None)
+        loss.backward()
+        assert (loss_fn.compiled is not None) == compile  # compiled, not fallen back
+        results.append((loss.detach(), logit.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss0, logit0, grads0), (loss1, logit1, grads1) = results
+    assert torch.allclose(loss0, loss1, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(logit0, logit1, rtol=1e-5, atol=1e-5)
+    for g0, g1 in zip(grads0, grads1):
+        assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-5 * float(g0.abs().max()) + 1e-7)
+
+
+def test_fused_optimizer_skips_a_step_on_the_device():
+    from ocec.optim import optimizer_step
+
+    model = build_model(ModelConfig(base_channels=8, num_blocks=2, image_size=(16, 32)))
+    opt = build_optimizer(model, LRS, 0.1)
+    assert opt.defaults["fused"]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer_step(opt, scaler, torch.tensor(False))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # skipped: no update, no decay
+    optimizer_step(opt, scaler, torch.tensor(True))
+    assert not any(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(int(s["step"]) == 1 for s in opt.state.values())  # the skipped step is not counted

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import ocec.trainer as trainer_mod
-from ocec.data import read_table
+from ocec.parquet import read_rows
 from ocec.sampling import steps_per_epoch
 from conftest import TINY, history, only_run, run_subprocess, summary, synth_folder
 
@@ -137,7 +137,7 @@ def test_a_signal_mid_epoch_resumes_exactly_where_it_stopped(ocec, data_a, tmp_p
     assert result.code == 130 and "resume with" in result.out
     run = only_run(tmp_path / "stopped")
     interrupted = torch.load(run / "ocec_interrupted.pt", weights_only=True)
-    per_epoch = steps_per_epoch(len(read_table(data_a).splits[read_table(data_a).splits == "train"]), 8)
+    per_epoch = steps_per_epoch(int((read_rows(data_a).split_codes == 0).sum()), 8)
     # the 30th step ran (epoch 2, step 30 - per_epoch), then the checkpoint was saved
     assert (interrupted["epoch"], interrupted["step"]) == (2, 30 - per_epoch)
     monkeypatch.setattr(trainer_mod, "augment_batch", real)
@@ -346,3 +346,27 @@ def test_a_diverging_learning_rate_is_reported_early(ocec, data_a, tmp_path):
     assert result.code == 2
     assert "non-finite" in result.err or "not finite" in result.err
     assert "learning rate" in result.err
+
+
+def test_a_signal_before_the_first_step_of_an_epoch_resumes_that_epoch(ocec, data_a, tmp_path, monkeypatch):
+    """An interrupt checkpoint at step 0 is an epoch not yet trained, not a finished one."""
+    flags = ["--data_root", data_a, *TINY, "--epochs", 3]
+    assert ocec("train", *flags, "--output_dir", tmp_path / "straight").code == 0
+    real = trainer_mod.epoch_order
+    calls = []
+
+    def signal_while_epoch_2_starts(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 2 is being set up: the signal lands before its first step
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "epoch_order", signal_while_epoch_2_starts)
+    result = ocec("train", *flags, "--output_dir", tmp_path / "stopped")
+    assert result.code == 130
+    run = only_run(tmp_path / "stopped")
+    interrupted = torch.load(run / "ocec_interrupted.pt", weights_only=True)
+    assert (interrupted["epoch"], interrupted["step"]) == (2, 0)
+    monkeypatch.setattr(trainer_mod, "epoch_order", real)
+    assert ocec("train", "--resume", run, "--epochs", 3).code == 0
+    _same_outcome(run, only_run(tmp_path / "straight"))

@@ -38,3 +38,18 @@ def test_class_weight_makes_both_classes_count_equally():
     weight = class_weight(0.2, "pos_weight")
     assert torch.allclose(weight * torch.tensor([0.8, 0.2]), torch.tensor([0.5, 0.5]))
     assert class_weight(0.2, "sampler") is None and class_weight(0.2, "none") is None
+
+
+def test_a_mixed_pool_gathers_from_both_datasets_without_joining_them():
+    from ocec.data import Split
+    from ocec.sampling import TrainingPool
+
+    a = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).contiguous()
+    b = (100 + torch.arange(5, dtype=torch.uint8)).view(5, 1, 1, 1).expand(5, 3, 2, 2).contiguous()
+    train = Split("train", a, torch.tensor([1, 3, 5, 7]), torch.tensor([0, 1, 0, 1]))
+    mix = Split("train", b, torch.tensor([0, 4]), torch.tensor([1, 1]))
+    pool = TrainingPool.build(train, mix, mix_ratio=0.5, balance="none", device=torch.device("cpu"))
+    assert len(pool.parts) == 2 and pool.parts[0][0] is a and pool.parts[1][0] is b  # no concatenated copy
+    batch = pool.take(torch.tensor([5, 0, 4, 3]))
+    assert batch[:, 0, 0, 0].tolist() == [104, 1, 100, 7]
+    assert pool.labels.tolist() == [0, 1, 0, 1, 1, 1]

@@ -289,3 +289,18 @@ def test_train_accepts_settings_as_keywords(data_a, tmp_path):
     assert run == only_run(tmp_path) and config(run)["model"]["base_channels"] == 8
     with pytest.raises(TypeError, match="unknown training setting"):
         train(data_root=str(data_a), epoch=1)
+
+
+def test_compile_that_cannot_compile_falls_back_with_one_line(train, data_a, tmp_path, monkeypatch):
+    def broken_compile(fn, *args, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("no C++ compiler found\nlong details")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    result = train(data_a, tmp_path / "c", 2, *TINY, "--compile")
+    assert result.code == 0, result.err
+    assert result.out.count("--compile: cannot compile on this machine (no C++ compiler found)") == 1
+    assert train(data_a, tmp_path / "e", 2, *TINY).code == 0
+    assert history(only_run(tmp_path / "c")) == history(only_run(tmp_path / "e"))  # the same training, eagerly
