@@ -102,7 +102,7 @@ def phase_ocec(args) -> dict:
     loaded = time.perf_counter() - tic
     torch.manual_seed(0)
     learner = Learner.build(start.model_cfg, cfg, steps_per_epoch(len(data.train), cfg.batch_size), device)
-    pool = TrainingPool.build(data.train, None, mix_ratio=0.0, balance=cfg.balance, device=device)
+    pool = TrainingPool.build([data.train], None, mix_ratio=0.0, balance=cfg.balance, device=device)
     job = Job(cfg, start.model_cfg, learner, pool, data, device, amp_dtype(device, cfg.use_amp), Path(cfg.output_dir))
     position = run_steps(job, 1, (1, None))
     _sync(device)

@@ -206,6 +206,7 @@ def training_payload(
     step: int = 0,
     metrics: dict | None = None,
     score: float | None = None,
+    threshold: float | None = None,
     extra: dict | None = None,
 ) -> dict:
     """A complete training checkpoint: `states` are the state dicts of model, optimizer, schedule and
@@ -227,6 +228,7 @@ def training_payload(
         **states,
         "metrics": to_jsonable(metrics or {}),
         "score": score,
+        "threshold": threshold,  # the val split's F1-optimal probability threshold (--threshold auto)
         **record,
         **(extra or {}),
     }

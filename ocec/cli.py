@@ -26,6 +26,8 @@ from .config import (
     MARGIN_INITS,
     MARGIN_METHODS,
     PLATEAU_METRICS,
+    RECIPES,
+    UNFREEZE_SIDES,
     ModelConfig,
     TrainConfig,
     parse_image_size,
@@ -76,6 +78,24 @@ def _argument_type(parse):
     return convert
 
 
+def _threshold(text: str):
+    """--threshold: 'auto' (the val-optimal threshold stored with the checkpoint) or a probability."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a probability, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a probability is in [0, 1], got {value}")
+    return value
+
+
+THRESHOLD_HELP = (
+    "probability threshold for 'open': a number, or auto for the val-optimal one stored with the checkpoint"
+)
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -84,6 +104,12 @@ def _add_train(sub) -> None:
         argument_default=argparse.SUPPRESS,
         description="Train an open/closed-eye classifier on parquet data.",
     )
+    _train_flags(p)
+    p.set_defaults(handler=commands.run_train)
+
+
+def _train_flags(p) -> None:
+    """Every flag of `train` (also taken by `sweep`, where the ones given stay fixed across trials)."""
     g = p.add_argument_group("data")
     g.add_argument("--data_root", help="a .parquet file or a folder of parquet files (required unless --resume)")
     g.add_argument("--output_dir", help="runs go to the next free <output_dir>/vN")
@@ -106,6 +132,10 @@ def _add_train(sub) -> None:
     )
     g.add_argument("--mix_data_root", help="a second dataset (e.g. A) mixed into every training epoch")
     g.add_argument("--mix_ratio", type=float, help="share of each epoch drawn from --mix_data_root")
+    g.add_argument(
+        "--extra_train_root",
+        help="add this dataset's train split to every epoch (e.g. the output of ocec pseudo-label)",
+    )
     g.add_argument(
         "--extra_val_root",
         help="also evaluate this dataset's val split each epoch (logged as extra_val_f1; not used for selection)",
@@ -184,6 +214,48 @@ def _add_train(sub) -> None:
     g.add_argument(
         "--stage_warmup_epochs", type=float, help="the backbone warms up again for this long at each later stage"
     )
+    g.add_argument(
+        "--unfreeze_from",
+        choices=UNFREEZE_SIDES,
+        help="stages release backbone units from the output side, or from the input side (surgical fine-tuning)",
+    )
+    g.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        help="a fine-tuning recipe, expanded into stage flags (logged and stored in config.json; flags you give "
+        "override it): full, lp-ft (linear probe, then fine-tune), surgical (the input half), progressive",
+    )
+    g.add_argument(
+        "--bn_adapt",
+        action="store_true",
+        help="re-estimate BatchNorm statistics on the training images after --pretrain loads (AdaBN; "
+        "on by default with --pretrain)",
+    )
+    g.add_argument("--no_bn_adapt", dest="bn_adapt", action="store_false", help="keep model A's BatchNorm statistics")
+    g.add_argument(
+        "--precise_bn",
+        type=int,
+        metavar="IMAGES",
+        help="re-estimate BatchNorm statistics on this many training images before each validation; 0: off",
+    )
+    g.add_argument(
+        "--ema_decay",
+        type=float,
+        help="validate, select and export an exponential moving average of the weights, e.g. 0.999",
+    )
+    g.add_argument(
+        "--l2sp",
+        type=float,
+        metavar="ALPHA",
+        help="pull the backbone towards the pretrained weights (L2-SP) instead of weight decay towards zero",
+    )
+    g.add_argument("--layer_decay", type=float, help="backbone LR x G^k for the k-th unit from the output side; 1: off")
+    g.add_argument(
+        "--hard_mining",
+        type=float,
+        metavar="SHARE",
+        help="draw this share of each epoch in proportion to each sample's loss in the previous epoch",
+    )
 
     g = p.add_argument_group("outputs")
     g.add_argument("--keep_last", type=int, help="epoch checkpoints kept")
@@ -192,7 +264,43 @@ def _add_train(sub) -> None:
         "--save_diagnostics", action="store_true", help="confusion matrix and ROC PNGs per epoch (ocec[plot])"
     )
     g.add_argument("--tensorboard", action="store_true", help="log scalars for TensorBoard (needs ocec[tensorboard])")
-    p.set_defaults(handler=commands.run_train)
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="search fine-tuning recipes and hyper-parameters with Optuna (needs ocec[sweep])",
+        formatter_class=HelpFormatter,
+        argument_default=argparse.SUPPRESS,
+        description="Each trial is an `ocec train` run in OUTPUT_DIR/trial_NNNN; the train flags you give stay "
+        "fixed across trials, the search space varies the rest. Re-running the command continues the study.",
+    )
+    g = p.add_argument_group("sweep")
+    g.add_argument("--trials", type=int, default=20, help="trials this command runs (the study keeps earlier ones)")
+    g.add_argument(
+        "--space", metavar="FILE", default=None, help="a YAML or JSON file narrowing or widening the search space"
+    )
+    g.add_argument(
+        "--storage", default=None, help="an Optuna storage URL shared by several sweeps (default: sqlite in OUTPUT_DIR)"
+    )
+    g.add_argument("--study", default="ocec", help="the study's name in the storage")
+    g.add_argument("--timeout", type=float, default=None, help="start no trial after this many seconds")
+    g.add_argument("--n_jobs", type=int, default=1, help="trials at once on this machine, one process each")
+    g.add_argument("--devices", default=None, help="devices for the trials, in turn: e.g. cuda:0,cuda:1")
+    g.add_argument(
+        "--pruner", choices=("median", "hyperband", "none"), default="median", help="stops hopeless trials early"
+    )
+    g.add_argument(
+        "--heartbeat", type=int, default=60, help="seconds; a trial silent for twice this long is marked failed"
+    )
+    g.add_argument(
+        "--plot", action="store_true", default=False, help="optimisation history and parameter importances, as PNG"
+    )
+    g.add_argument(
+        "--final_epochs", type=int, default=None, help="then train the best trial's command for this many epochs"
+    )
+    _train_flags(p)
+    p.set_defaults(handler=commands.run_sweep)
 
 
 def _add_synth(sub) -> None:
@@ -252,7 +360,7 @@ def _add_eval(sub) -> None:
     _checkpoint_flag(p)
     p.add_argument("--data_root", required=True, help="a .parquet file or a folder of parquet files")
     p.add_argument("--split", choices=SPLITS, default="val", help="which split to evaluate")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for 'open'")
+    p.add_argument("--threshold", type=_threshold, default=0.5, help=THRESHOLD_HELP)
     _inference_flags(p)
     p.add_argument("--json", metavar="OUT", help="also write the full report as JSON")
     p.set_defaults(handler=commands.run_eval)
@@ -274,15 +382,37 @@ def _add_compare(sub) -> None:
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="probability of 'open' for image files", formatter_class=HelpFormatter)
-    _checkpoint_flag(p, "checkpoint file(s) or a run folder")
-    p.add_argument(
-        "--inputs", nargs="+", required=True, metavar="PATH", help="image files or folders (searched recursively)"
+    p = sub.add_parser(
+        "predict", help="probability of 'open' for image files or a parquet dataset", formatter_class=HelpFormatter
     )
-    p.add_argument("--output", metavar="CSV", help="write path,prob_open,label rows here (default: print them)")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for 'open'")
-    _inference_flags(p, data=False)
+    _checkpoint_flag(p, "checkpoint file(s) or a run folder")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--inputs", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    what.add_argument("--data_root", help="a parquet file or folder, with or without label columns: every row")
+    p.add_argument("--output", metavar="CSV", help="write the rows here (default: print them)")
+    p.add_argument("--threshold", type=_threshold, default=0.5, help=THRESHOLD_HELP)
+    _inference_flags(p)
     p.set_defaults(handler=commands.run_predict)
+
+
+def _add_pseudo_label(sub) -> None:
+    p = sub.add_parser(
+        "pseudo-label",
+        help="confident predictions on unlabelled data, as a parquet to mix into training",
+        formatter_class=HelpFormatter,
+    )
+    _checkpoint_flag(p, "the model that labels: checkpoint file(s) or a run folder")
+    p.add_argument("--data_root", required=True, help="a parquet file or folder (label columns are not needed)")
+    p.add_argument("--out", required=True, help="output folder (dataset.parquet)")
+    p.add_argument(
+        "--threshold",
+        type=_threshold,
+        default="auto",
+        help="keep predictions whose class has at least this probability; auto: 0.9 (measured, docs/finetune.md)",
+    )
+    p.add_argument("--balance", action="store_true", help="keep as many rows of each class")
+    _inference_flags(p)
+    p.set_defaults(handler=commands.run_pseudo_label)
 
 
 def _add_export(sub) -> None:
@@ -293,13 +423,24 @@ def _add_export(sub) -> None:
     p.add_argument("--output", required=True, help="output file (.onnx or .safetensors)")
     p.add_argument("--format", choices=("onnx", "safetensors"), default="onnx", help="what to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    p.add_argument("--threshold", type=_threshold, default=0.5, help=THRESHOLD_HELP + " (the graph's is_open output)")
     p.set_defaults(handler=commands.run_export)
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="ocec", description="Train and fine-tune tiny open/closed-eye classifiers.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
-    for add in (_add_train, _add_synth, _add_demo, _add_eval, _add_compare, _add_predict, _add_export):
+    for add in (
+        _add_train,
+        _add_sweep,
+        _add_synth,
+        _add_demo,
+        _add_eval,
+        _add_compare,
+        _add_predict,
+        _add_pseudo_label,
+        _add_export,
+    ):
         add(sub)
     for p in {id(p): p for p in sub.choices.values()}.values():  # aliases share one parser
         p.add_argument("--debug", action="store_true", default=False, help="show tracebacks for errors")
@@ -316,6 +457,7 @@ def setup_logging() -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler._ocec_console = True
     logger.addHandler(handler)
+    logging.raiseExceptions = False  # a closed stdout (ocec predict | head) is not worth a traceback
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,3 +479,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ocec {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (ocec predict ... | head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

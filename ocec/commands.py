@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
@@ -18,6 +19,83 @@ def run_train(args: argparse.Namespace) -> int:
     from .trainer import train
 
     train(**{k: v for k, v in vars(args).items() if k not in NOT_SETTINGS})
+    return 0
+
+
+SWEEP_ONLY = (
+    "trials",
+    "space",
+    "storage",
+    "study",
+    "timeout",
+    "n_jobs",
+    "devices",
+    "pruner",
+    "heartbeat",
+    "plot",
+    "final_epochs",
+)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    import shlex
+    import subprocess
+
+    from .settings import settings_to_flags
+    from .sweep import format_leaderboard, require_optuna, run_sweep as sweep
+
+    require_optuna()
+    given = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS and k not in SWEEP_ONLY}
+    for name in ("resume", "output_dir", "data_root"):
+        if name == "resume" and "resume" in given:
+            raise UserError("--resume: a sweep starts its own runs; re-run the same sweep command to continue it")
+        if name != "resume" and name not in given:
+            raise UserError(f"--{name} is required for a sweep")
+    if args.trials < 1 or args.n_jobs < 1:
+        raise UserError(f"--trials and --n_jobs must be >= 1, got {args.trials} and {args.n_jobs}")
+    pretrain = [str(p) for p in given.pop("pretrain", [])]
+    output_dir = given.pop("output_dir")
+    fixed = settings_to_flags(given)
+    result = sweep(
+        output_dir=output_dir,
+        trials=args.trials,
+        fixed=fixed,
+        pretrain=pretrain,
+        mix="mix_data_root" in given,
+        space_file=args.space,
+        storage=args.storage,
+        study_name=args.study,
+        timeout=args.timeout,
+        n_jobs=args.n_jobs,
+        devices=args.devices.split(",") if args.devices else [],
+        pruner=args.pruner,
+        seed=given.get("seed", 42),
+        heartbeat=args.heartbeat,
+        plot=args.plot,
+        fixed_names=set(given),
+    )
+    print(format_leaderboard(result))
+    print(f"leaderboard: {Path(output_dir) / 'leaderboard.csv'} and .json")
+    for path in result.get("plots", []):
+        print(f"plot: {path}")
+    best = result["best"]
+    if best is None:
+        print("no trial completed")
+        return 1
+    print(f"best: trial {best['trial']}, val F1 {best['best_f1']:.4f} at epoch {best['best_epoch']}; its command:")
+    print(best["command"])
+    if args.final_epochs:
+        command = shlex.split(best["command"])
+        command = [
+            sys.executable,
+            *command[1:],
+            "--epochs",
+            str(args.final_epochs),
+            "--output_dir",
+            str(Path(output_dir) / "final"),
+        ]
+        print(f"final run: {shlex.join(['python', *command[1:]])}")
+        return subprocess.call(command)
     return 0
 
 
@@ -105,6 +183,8 @@ def run_compare(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     from .evaluate import predict_images
 
+    if args.data_root:
+        return _predict_dataset(args)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be a positive integer, got {args.batch_size}")
     rows = predict_images(
@@ -123,11 +203,42 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_dataset(args: argparse.Namespace) -> int:
+    import pyarrow.csv
+
+    from .fileio import atomic_write
+    from .pretrained import resolve_threshold
+    from .pseudo import predict_dataset, prediction_table
+
+    snap, rows, probs, sources = predict_dataset(args.checkpoint, args.data_root, **_data_options(args))
+    table = prediction_table(args.data_root, rows, probs, sources, resolve_threshold(args.threshold, snap))
+    if args.output:
+        atomic_write(args.output, lambda f: pyarrow.csv.write_csv(table, f))
+        print(f"{table.num_rows} prediction(s) -> {args.output}")
+    else:
+        pyarrow.csv.write_csv(table, sys.stdout.buffer)
+    return 0
+
+
+def run_pseudo_label(args: argparse.Namespace) -> int:
+    from .pseudo import pseudo_label
+
+    report = pseudo_label(
+        args.checkpoint, args.data_root, args.out, threshold=args.threshold, balance=args.balance, **_data_options(args)
+    )
+    print(
+        f"kept {report['kept']} of {report['rows']} rows (open {report['open']}, closed {report['closed']}; "
+        f"confidence >= {report['min_confidence']:.3f}, mean {report['mean_confidence']:.3f}) -> {report['output']}"
+    )
+    print(f"train on them with: --extra_train_root {Path(report['output']).parent}")
+    return 0
+
+
 def run_export(args: argparse.Namespace) -> int:
     import torch
 
     from .export import export_onnx, export_safetensors
-    from .pretrained import load_for_inference
+    from .pretrained import load_for_inference, resolve_threshold
 
     model, snap, _ = load_for_inference(args.checkpoint, torch.device("cpu"))
     if args.format == "safetensors":
@@ -137,11 +248,12 @@ def run_export(args: argparse.Namespace) -> int:
             f"fine-tune from it with --pretrain {report['output']}"
         )
         return 0
-    report = export_onnx(model, args.output, opset=args.opset)
+    report = export_onnx(model, args.output, opset=args.opset, threshold=resolve_threshold(args.threshold, snap))
     h, w = snap.model_config.image_size
     print(
         f"wrote {report['output']} (opset {report['opset']}, {report['folded_batchnorm']} Conv+BatchNorm folded; "
-        f"input images [N,3,{h},{w}] RGB 0..1, outputs prob_open [N] and logit [N])"
+        f"input images [N,3,{h},{w}] RGB 0..1, outputs prob_open [N], logit [N] and is_open [N] "
+        f"= prob_open >= {report['threshold']:.4g})"
     )
     if report["max_abs_diff"] is not None:
         print(

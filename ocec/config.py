@@ -1,5 +1,5 @@
-"""Configuration dataclasses: where every default lives, how values are validated and serialised,
-and how a run's settings merge with a checkpoint's (`--pretrain`, `--resume`). No torch here: the CLI
+"""Configuration dataclasses: where every default lives, how values are validated and serialised.
+(How a run's settings merge with defaults and checkpoints is in settings.py.) No torch here: the CLI
 and the decode/synth worker processes import this module, and should start fast and small.
 
 `ModelConfig` is everything needed to rebuild a model (it travels inside every checkpoint);
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 
 from .errors import UserError
 
@@ -23,30 +23,11 @@ AUTO_HEAD = {"baseline": "avg", "inverted_se": "avgmax_mlp", "convnext": "avgmax
 MARGIN_DEFAULTS = {"cosface": (8.0, 0.35), "arcface": (8.0, 0.2), "none": (8.0, 0.0)}  # (scale s, margin m)
 PLATEAU_METRICS = ("val_loss", "val_f1")
 AUGMENT_LEVELS = ("none", "light", "default")  # strengths in augment.py
+UNFREEZE_SIDES = ("output", "input")
+RECIPES = ("full", "lp-ft", "surgical", "progressive")
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
 BALANCE_MODES = ("none", "pos_weight", "sampler")
 MARGIN_INITS = ("auto", "random", "from_linear")
-
-# Settings that change what the weights mean: a pretrained checkpoint dictates them.
-STRUCTURAL_FIELDS = ("arch_variant", "base_channels", "num_blocks", "head_variant", "image_size", "mean", "std")
-# Flags that may change when a run is resumed (where data lives, how to run it, how long); everything
-# that shapes the training itself comes from the checkpoint.
-RESUME_OVERRIDABLE = (
-    "epochs",
-    "device",
-    "compile",
-    "num_workers",
-    "cache_dir",
-    "no_cache",
-    "keep_last",
-    "keep_best",
-    "max_bad_steps",
-    "save_diagnostics",
-    "tensorboard",
-    "data_root",
-    "mix_data_root",
-    "extra_val_root",
-)
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
@@ -201,9 +182,18 @@ class TrainConfig:
     stage2_lr: float | None = None
     stages: list[Stage] | None = None
     stage_warmup_epochs: float = 1.0
+    unfreeze_from: str = "output"  # stages release backbone units from the output side, or the input side
+    bn_adapt: bool = False  # re-estimate BatchNorm statistics on the training images after --pretrain loads
+    precise_bn: int = 0  # images to re-estimate BatchNorm statistics on before each validation (0: off)
+    ema_decay: float | None = None  # keep an exponential moving average of the weights, validated and kept
+    l2sp: float = 0.0  # pull the backbone towards the pretrained weights (instead of weight decay towards 0)
+    layer_decay: float = 1.0  # backbone LR x layer_decay^k for the k-th unit counted from the output side
+    hard_mining: float = 0.0  # share of each epoch drawn in proportion to the previous epoch's loss
+    recipe: str | None = None  # a named fine-tuning recipe (RECIPES), expanded into the flags above
     mix_data_root: str | None = None
     mix_ratio: float = 0.0
     extra_val_root: str | None = None
+    extra_train_root: str | None = None  # its train split is added to every epoch (e.g. pseudo-labelled rows)
     save_diagnostics: bool = False
     tensorboard: bool = False
 
@@ -269,6 +259,7 @@ class TrainConfig:
         _choice("--margin_init", self.margin_init, MARGIN_INITS)
         self._validate_mixing()
         self._validate_stages()
+        self._validate_finetuning()
         if not self.pretrain:
             for flag, used in (("--reinit_head", self.reinit_head), ("--margin_init", self.margin_init != "auto")):
                 if used:
@@ -284,6 +275,23 @@ class TrainConfig:
             raise UserError("--mix_ratio needs --mix_data_root (the dataset to mix in)")
         if self.mix_data_root and self.mix_ratio <= 0:
             raise UserError("--mix_data_root needs --mix_ratio > 0 (the share of each epoch drawn from it)")
+
+    def _validate_finetuning(self) -> None:
+        _choice("--unfreeze_from", self.unfreeze_from, UNFREEZE_SIDES)
+        _at_least("--precise_bn", self.precise_bn, 0)
+        _at_least("--l2sp", self.l2sp, 0)
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise UserError(f"--ema_decay must be in (0, 1), e.g. 0.999, got {self.ema_decay}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise UserError(f"--layer_decay must be in (0, 1], got {self.layer_decay}")
+        if not 0.0 <= self.hard_mining < 1.0:
+            raise UserError(f"--hard_mining must be in [0, 1), got {self.hard_mining}")
+        if self.recipe is not None:
+            _choice("--recipe", self.recipe, tuple(RECIPES))
+        needs_weights = {"--bn_adapt": self.bn_adapt, "--l2sp": self.l2sp > 0, "--recipe": self.recipe is not None}
+        for flag, used in needs_weights.items():
+            if used and not self.pretrain:
+                raise UserError(f"{flag} applies to --pretrain weights; without --pretrain there are none")
 
     def _validate_stages(self) -> None:
         if self.stages is not None and (self.freeze_backbone or self.unfreeze_backbone_epoch is not None):
@@ -324,84 +332,6 @@ class TrainConfig:
         return cls(**values)
 
 
-# --- settings: what the caller set, merged with a checkpoint's configs ------------------------------
-
-MODEL_FIELDS = frozenset(f.name for f in fields(ModelConfig))
-TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig))
-
-
-def split_settings(settings: dict) -> tuple[dict, dict]:
-    """{flag name: value} -> (TrainConfig fields, ModelConfig fields); an unknown name is a TypeError."""
-    unknown = sorted(set(settings) - MODEL_FIELDS - TRAIN_FIELDS)
-    if unknown:
-        raise TypeError(f"unknown training setting(s): {', '.join(unknown)}")
-    return (
-        {k: v for k, v in settings.items() if k in TRAIN_FIELDS},
-        {k: v for k, v in settings.items() if k in MODEL_FIELDS},
-    )
-
-
-def scratch_model_config(given: dict) -> ModelConfig:
-    _check_margin_flags(given.get("margin_method", ModelConfig.margin_method), given)
-    return ModelConfig(**given).validate()
-
-
-def pretrained_model_config(checkpoint: ModelConfig, given: dict, flag: str = "--pretrain") -> ModelConfig:
-    """The checkpoint's structure with the caller's non-structural choices (dropout, margin method, s, m).
-
-    A structural setting given with a value other than the checkpoint's is an error listing every
-    mismatch, because silently building a different network would load the weights partially or not at all.
-    """
-    _refuse_structural_changes(checkpoint, given, flag)
-    method = given.get("margin_method", checkpoint.margin_method)
-    _check_margin_flags(method, given)
-    changes = {k: given[k] for k in ("dropout", "margin_s", "margin_m") if k in given}
-    if method != checkpoint.margin_method:  # a new margin head: the given s and m, else the method's defaults
-        changes.update(margin_method=method, margin_s=given.get("margin_s"), margin_m=given.get("margin_m"))
-    return replace(checkpoint, **changes).validate()
-
-
-def resumed_configs(
-    saved_train: TrainConfig, saved_model: ModelConfig, given_train: dict, given_model: dict
-) -> tuple[TrainConfig, ModelConfig, list[str]]:
-    """The checkpoint's configs with the overridable flags replaced -> (train, model, flags ignored).
-
-    The result describes the run being continued (its `pretrain` record included), not how it was restarted."""
-    _refuse_structural_changes(saved_model, given_model, "--resume")
-    for name in ("margin_method", "margin_s", "margin_m"):
-        if name in given_model and given_model[name] != getattr(saved_model, name):
-            raise UserError(f"--resume: {name}: checkpoint={getattr(saved_model, name)}, given={given_model[name]}")
-    overrides = {k: v for k, v in given_train.items() if k in RESUME_OVERRIDABLE}
-    ignored = set(given_train) - set(RESUME_OVERRIDABLE) - {"resume"}
-    ignored |= set(given_model) - set(STRUCTURAL_FIELDS) - {"margin_method", "margin_s", "margin_m"}
-    cfg = replace(saved_train, **overrides)
-    return cfg.validate(), saved_model, ["--" + name for name in sorted(ignored)]
-
-
-def _refuse_structural_changes(checkpoint: ModelConfig, given: dict, flag: str) -> None:
-    mismatches = []
-    for name in STRUCTURAL_FIELDS:
-        if name not in given:
-            continue
-        ours, theirs = given[name], getattr(checkpoint, name)
-        if isinstance(theirs, tuple):
-            ours = tuple(ours)
-        if name == "head_variant":  # compare what would be built, resolving 'auto' for the arch in use
-            arch = given.get("arch_variant", checkpoint.arch_variant)
-            ours, theirs = (AUTO_HEAD.get(arch) if ours == "auto" else ours), checkpoint.resolved_head
-        if ours != theirs:
-            mismatches.append(f"{name}: checkpoint={_show(theirs)}, given={_show(ours)}")
-    if mismatches:
-        raise UserError(f"{flag}: the checkpoint's architecture differs from the flags given: " + "; ".join(mismatches))
-
-
-def _check_margin_flags(method: str, given: dict) -> None:
-    if method == "none":
-        for name in ("margin_s", "margin_m"):
-            if name in given:
-                raise UserError(f"--{name} applies to cosface/arcface heads; --margin_method none has no margin")
-
-
 def _choice(flag: str, value, choices) -> None:
     if value not in choices:
         raise UserError(f"{flag}: {value!r} is not one of {', '.join(choices)}")
@@ -414,9 +344,3 @@ def _at_least(flag: str, value, minimum) -> None:
 
 def _positive(value: float) -> bool:
     return value > 0 and math.isfinite(value)
-
-
-def _show(value) -> str:
-    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return f"{value[0]}x{value[1]}"
-    return str(value)

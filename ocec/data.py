@@ -165,19 +165,26 @@ def load_dataset(
         idx = np.flatnonzero(ok & (codes == code))
         labels = torch.from_numpy(rows.labels[idx])
         dataset.splits[split_name] = Split(split_name, images, torch.from_numpy(idx), labels, rows.sources(idx))
-    counts = ", ".join(f"{s} {len(dataset.splits[s])} (open {dataset.splits[s].class_counts[1]})" for s in SPLITS)
+    labelled = bool((rows.labels >= 0).all())
+    counts = ", ".join(
+        f"{s} {len(dataset.splits[s])}" + (f" (open {dataset.splits[s].class_counts[1]})" if labelled else "")
+        for s in SPLITS
+    )
+    counts += "" if labelled else " (unlabelled)"
     log.info("%s: %s", name, counts)
     return dataset
 
 
 @dataclass
 class TrainingData:
-    """What a training run reads: its train and val splits, the mixed-in pool, the extra val split."""
+    """What a training run reads: its train and val splits, the extra train rows added to every epoch,
+    the mixed-in pool an epoch takes a share from, the extra val split."""
 
     train: Split
     val: Split | None
     mix: Split | None = None
     extra_val: Split | None = None
+    extra_train: Split | None = None
 
 
 def load_training_data(cfg: TrainConfig, image_size: tuple[int, int]) -> TrainingData:
@@ -208,4 +215,7 @@ def load_training_data(cfg: TrainConfig, image_size: tuple[int, int]) -> Trainin
     extra = split_of(cfg.extra_val_root, "--extra_val_root", "val") if cfg.extra_val_root else None
     if cfg.extra_val_root and extra is None:
         raise UserError(f"--extra_val_root {cfg.extra_val_root}: its val split is empty")
-    return TrainingData(train, data.get("val"), mix, extra)
+    added = split_of(cfg.extra_train_root, "--extra_train_root", "train") if cfg.extra_train_root else None
+    if cfg.extra_train_root and added is None:
+        raise UserError(f"--extra_train_root {cfg.extra_train_root}: its train split is empty")
+    return TrainingData(train, data.get("val"), mix, extra, added)

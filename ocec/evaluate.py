@@ -20,7 +20,7 @@ from .errors import UserError
 from .fileio import to_jsonable, write_text_atomic
 from .inference import predict_batches, predict_split, require_finite
 from .metrics import fisher_ratio, full_report
-from .pretrained import Snapshot, choose_best, load_for_inference
+from .pretrained import Snapshot, choose_best, load_for_inference, resolve_threshold
 from .reporting import progress
 from .runtime import resolve_device
 
@@ -69,7 +69,7 @@ def evaluate_checkpoint(
     data_root: str,
     *,
     split: str = "val",
-    threshold: float = 0.5,
+    threshold: float | str = 0.5,
     batch_size: int,
     device: str,
     num_workers: int,
@@ -99,7 +99,7 @@ def evaluate_checkpoint(
         )
     data = loaded[key]
     logits, embeddings = predict_split(model, data, batch_size=batch_size, device=dev)
-    return report_predictions(snap, data, logits, embeddings, threshold)
+    return report_predictions(snap, data, logits, embeddings, resolve_threshold(threshold, snap))
 
 
 def report_predictions(
@@ -317,7 +317,7 @@ def predict_images(
     inputs: list[str],
     *,
     output: str | None = None,
-    threshold: float = 0.5,
+    threshold: float | str = 0.5,
     batch_size: int = 256,
     device: str = "auto",
 ) -> list[dict]:
@@ -326,6 +326,7 @@ def predict_images(
     dev = resolve_device(device)
     model, snap, why = load_for_inference(checkpoint, dev)
     log.info("checkpoint: %s", why)
+    threshold = resolve_threshold(threshold, snap)
     files = collect_images(inputs)
     kept, failed = [], []
 

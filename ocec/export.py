@@ -32,15 +32,16 @@ CHECK_TOLERANCE = 1e-4  # |onnx - torch| <= tol + tol * |torch| on logits (fp32 
 
 
 class Deployed(nn.Module):
-    """What deployers run: images in [0, 1] -> (probability that the eye is open, its logit)."""
+    """What deployers run: images in [0, 1] -> (probability that the eye is open, its logit, the decision)."""
 
-    def __init__(self, model: OcecModel):
+    def __init__(self, model: OcecModel, threshold: float = 0.5):
         super().__init__()
-        self.model = model
+        self.model, self.threshold = model, threshold
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logit = self.model(images)
-        return torch.sigmoid(logit), logit
+        prob = torch.sigmoid(logit)
+        return prob, logit, prob >= self.threshold
 
 
 def check_images(image_size: tuple[int, int], count: int = 16) -> torch.Tensor:
@@ -78,15 +79,18 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     return model, folded
 
 
-def export_onnx(model: OcecModel, output: str | Path, *, opset: int = 17, check: bool = True) -> dict:
-    """Write the ONNX file atomically; with onnxruntime installed, compare its logits with PyTorch's."""
+def export_onnx(
+    model: OcecModel, output: str | Path, *, opset: int = 17, threshold: float = 0.5, check: bool = True
+) -> dict:
+    """Write the ONNX file atomically (the threshold is also in its metadata as ocec_threshold); with
+    onnxruntime installed, compare its logits with PyTorch's."""
     try:
-        import onnx  # noqa: F401  (torch's exporter needs it)
+        import onnx
     except ImportError:
         raise UserError("ONNX export needs the onnx package: pip install 'ocec[onnx]'") from None
     model = model.cpu().eval()
     folded, pairs = fold_batchnorm(model)
-    wrapper = Deployed(folded).eval()
+    wrapper = Deployed(folded, threshold).eval()
     h, w = model.config.image_size
     dummy = torch.rand(2, 3, h, w)
     buffer = io.BytesIO()
@@ -98,12 +102,20 @@ def export_onnx(model: OcecModel, output: str | Path, *, opset: int = 17, check:
             buffer,
             dynamo=False,
             input_names=["images"],
-            output_names=["prob_open", "logit"],
-            dynamic_axes={"images": {0: "N"}, "prob_open": {0: "N"}, "logit": {0: "N"}},
+            output_names=["prob_open", "logit", "is_open"],
+            dynamic_axes={"images": {0: "N"}, "prob_open": {0: "N"}, "logit": {0: "N"}, "is_open": {0: "N"}},
             opset_version=opset,
         )
-    path = atomic_write(output, lambda f: f.write(buffer.getvalue()))
-    report = {"output": str(path), "opset": opset, "folded_batchnorm": pairs, "max_abs_diff": None}
+    graph = onnx.load_from_string(buffer.getvalue())
+    onnx.helper.set_model_props(graph, {"ocec_threshold": f"{threshold:.6g}", "ocec_labels": "0 closed, 1 open"})
+    path = atomic_write(output, lambda f: f.write(graph.SerializeToString()))
+    report = {
+        "output": str(path),
+        "opset": opset,
+        "folded_batchnorm": pairs,
+        "max_abs_diff": None,
+        "threshold": threshold,
+    }
     if check:
         try:
             import onnxruntime as ort

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from .data import Split
 from .errors import UserError
-from .metrics import binary_report, fisher_ratio
+from .metrics import best_threshold, binary_report, fisher_ratio
 from .model import OcecModel
 from .reporting import progress
 from .runtime import autocast
@@ -80,5 +80,6 @@ def evaluate_split(
     loss = float(F.binary_cross_entropy_with_logits(logits, labels.float())) if len(labels) else float("nan")
     probs = torch.sigmoid(logits).numpy()
     report = {"loss": loss, **binary_report(labels.numpy(), probs)}
+    report["best_threshold"], report["best_f1"] = best_threshold(labels.numpy(), probs)
     report["fisher"] = fisher_ratio(embeddings, labels)
     return report, probs

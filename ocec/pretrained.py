@@ -41,6 +41,7 @@ class Snapshot:
     train_config: dict = field(default_factory=dict)  # of the run that wrote them (ocec checkpoints)
     history: list = field(default_factory=list)
     pretrain: dict | None = None  # what that run started from
+    threshold: float | None = None  # the F1-optimal probability threshold on that run's val split
 
 
 def read_snapshot(path: str | Path, flag: str = "--pretrain") -> Snapshot:
@@ -62,7 +63,7 @@ def read_snapshot(path: str | Path, flag: str = "--pretrain") -> Snapshot:
     return Snapshot(
         path,
         cfg,
-        data["model_state"],
+        data.get("ema_state") or data["model_state"],  # with --ema_decay, the averaged weights were the ones kept
         metrics,
         data.get("epoch"),
         "ocec",
@@ -70,6 +71,7 @@ def read_snapshot(path: str | Path, flag: str = "--pretrain") -> Snapshot:
         dict(data.get("train_config") or {}),
         list(data.get("history") or []),
         data.get("pretrain"),
+        data.get("threshold") if is_defined(data.get("threshold")) else None,
     )
 
 
@@ -127,6 +129,17 @@ def expand_candidates(paths: list[str], flag: str = "--pretrain") -> list[Path]:
         else:
             raise UserError(f"{flag} {path}: no such file or directory")
     return list(dict.fromkeys(found))
+
+
+def resolve_threshold(value, snap: Snapshot) -> float:
+    """--threshold: a probability, or 'auto' for the one stored with the checkpoint."""
+    if value != "auto":
+        return float(value)
+    if snap.threshold is None:
+        raise UserError(
+            f"--threshold auto: {snap.path} records no threshold (it is stored by runs with a val split); give a number"
+        )
+    return snap.threshold
 
 
 def choose_best(paths: list[str], flag: str = "--pretrain") -> tuple[Snapshot, str]:

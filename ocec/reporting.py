@@ -45,7 +45,10 @@ def epoch_line(row: dict, epochs: int, improved: bool) -> str:
     """The log line of an epoch, from its history row."""
     text = f"epoch {row['epoch']}/{epochs} train loss {fmt(row['train_loss'])} f1 {fmt(row['train_f1'])}"
     if "val_loss" in row:
-        text += f" | val loss {fmt(row['val_loss'])} f1 {fmt(row['val_f1'])} auc {fmt(row['val_roc_auc'], 3)}"
+        text += f" | val loss {fmt(row['val_loss'])} f1 {fmt(row['val_f1'])}"
+        if row.get("val_best_threshold") is not None:
+            text += f" ({fmt(row['val_best_f1'])} at {row['val_best_threshold']:.2f})"
+        text += f" auc {fmt(row['val_roc_auc'], 3)}"
         text += f" fisher {fmt(row['val_fisher'], 3)}"
     if "extra_val_f1" in row:
         text += f" | extra_val f1 {fmt(row['extra_val_f1'])}"

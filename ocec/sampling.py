@@ -43,14 +43,18 @@ def epoch_order(
     mix_ratio: float,
     balanced: bool,
     generator: torch.Generator,
+    hard: tuple[float, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Indices into cat(primary, mix) for one epoch: len(primary) samples, round(mix_ratio * len) of
-    them from the mix pool, shuffled together."""
+    them from the mix pool, shuffled together. `hard` = (share, weights): that share of the primary
+    samples is drawn with replacement in proportion to `weights` (hard-example mining)."""
     total = len(primary_labels)
     n_mix = round(mix_ratio * total) if mix_labels is not None and len(mix_labels) else 0
-    primary = draw(primary_labels, total - n_mix, generator, balanced)
+    n_hard = round(hard[0] * (total - n_mix)) if hard is not None else 0
+    primary = draw(primary_labels, total - n_mix - n_hard, generator, balanced)
+    mined = torch.multinomial(hard[1], n_hard, replacement=True, generator=generator) if n_hard else primary[:0]
     mixed = draw(mix_labels, n_mix, generator, balanced) + total if n_mix else primary[:0]
-    order = torch.cat([primary, mixed])
+    order = torch.cat([primary, mined, mixed])
     return order[torch.randperm(len(order), generator=generator)]
 
 
@@ -76,31 +80,43 @@ def to_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class TrainingPool:
-    """The images an epoch samples from: the train split's rows, then the mixed-in split's rows
-    (pool index >= len(train)), each gathered from its own dataset's images (no copies are joined),
-    with the labels and the loss's class weights. On CUDA the pool is copied to the GPU when it fits."""
+    """The images an epoch samples from. Pool indices run over the primary rows (the train split, then
+    --extra_train_root's), then the mixed-in rows (--mix_data_root); each part is gathered from its own
+    dataset's images (no copies are joined). Holds the labels and the loss's class weights. On CUDA the
+    pool is copied to the GPU when it fits."""
 
     parts: list[tuple[torch.Tensor, torch.Tensor]]  # (a dataset's images, its rows in the pool), in pool order
     labels: torch.Tensor
+    primary: int  # pool indices below this are primary rows, the rest mixed-in ones
     class_weight: torch.Tensor | None
 
     @classmethod
-    def build(cls, train, mix, *, mix_ratio: float, balance: str, device: torch.device) -> "TrainingPool":
-        splits = [train] if mix is None else [train, mix]
-        open_share = float(train.labels.double().mean()) * (1 - mix_ratio)
+    def build(cls, primary: list, mix, *, mix_ratio: float, balance: str, device: torch.device) -> "TrainingPool":
+        """`primary`: the splits every epoch covers; `mix`: the split an epoch takes `mix_ratio` of."""
+        splits = primary + ([mix] if mix is not None else [])
+        count = sum(len(s) for s in primary)
+        open_share = float(torch.cat([s.labels for s in primary]).double().mean()) * (1 - mix_ratio)
         if mix is not None:
             open_share += float(mix.labels.double().mean()) * mix_ratio
         weight = class_weight(open_share, balance)
         labels = torch.cat([s.labels for s in splits])
         parts = [(s.images, s.rows) for s in splits]
-        if device.type == "cuda" and _fits_on(device, sum(len(s) for s in splits) * train.images[0].numel()):
+        if device.type == "cuda" and _fits_on(device, len(labels) * splits[0].images[0].numel()):
             resident = torch.cat([_to_device(s, device) for s in splits])
             parts = [(resident, torch.arange(len(resident), device=device))]
-        return cls(parts, labels.to(parts[0][0].device), None if weight is None else weight.to(device))
+        return cls(parts, labels.to(parts[0][0].device), count, None if weight is None else weight.to(device))
 
     @property
     def device(self) -> torch.device:
         return self.parts[0][0].device
+
+    @property
+    def primary_labels(self) -> torch.Tensor:
+        return self.labels[: self.primary].cpu()
+
+    @property
+    def mix_labels(self) -> torch.Tensor | None:
+        return self.labels[self.primary :].cpu() if len(self.labels) > self.primary else None
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         """uint8 images [len(idx), 3, H, W] of pool indices `idx` (on the pool's device)."""

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import load_resumable
-from .config import (
-    ModelConfig,
-    TrainConfig,
+from .config import ModelConfig, TrainConfig
+from .settings import (
+    describe_settings,
+    finetune_settings,
     pretrained_model_config,
     resumed_configs,
     scratch_model_config,
@@ -30,11 +31,17 @@ class Start:
     snapshot: Snapshot | None = None  # --pretrain weights
     resume_path: Path | None = None  # --resume checkpoint, and its contents
     resume: dict | None = None
+    filled: str = ""  # the fine-tuning defaults and recipe flags filled in for a --pretrain run
 
 
 def plan_start(settings: dict) -> Start:
     """The run's configs: the settings given, merged with the checkpoint they start from."""
     given_train, given_model = split_settings(settings)
+    filled = {}
+    if given_train.get("pretrain") and not given_train.get("resume"):
+        given_train, filled = finetune_settings(given_train)
+        if filled:
+            log.info("fine-tuning settings filled in (flags you give override them): %s", describe_settings(filled))
     cfg = TrainConfig(**given_train).validate()
     if cfg.resume:
         path, raw = load_resumable(cfg.resume)
@@ -53,7 +60,8 @@ def plan_start(settings: dict) -> Start:
     if cfg.pretrain:
         snapshot, why = choose_best(cfg.pretrain)
         log.info("pretrain: chose %s", why)
-        return Start(cfg, pretrained_model_config(snapshot.model_config, given_model), snapshot=snapshot)
+        model_cfg = pretrained_model_config(snapshot.model_config, given_model)
+        return Start(cfg, model_cfg, snapshot=snapshot, filled=describe_settings(filled))
     return Start(cfg, scratch_model_config(given_model))
 
 

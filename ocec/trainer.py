@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,8 +32,10 @@ from .checkpoint import (
 )
 from .config import ModelConfig, TrainConfig
 from .data import TrainingData, load_training_data
+from .epoch import EpochState
 from .errors import Interrupted, UserError
 from .fileio import remove_stale_temporaries, to_jsonable, write_json_atomic
+from .finetune import L2SP, adapt_batchnorm, describe_layer_decay, hard_weights, weight_ema, zero_shot_report
 from .inference import evaluate_split
 from .metrics import binary_report, is_defined
 from .optim import Learner, count_trainable_units, enter_epoch_stage, freeze_batchnorm_statistics, optimizer_step
@@ -77,19 +79,33 @@ def train(**settings) -> Path:
         learner = Learner.build(model_cfg, cfg, steps_per_epoch(len(data.train), cfg.batch_size), device)
         pretrain = load_pretrained_weights(learner.model, start)
         log.info(describe_model(learner.model))
-        pool = TrainingPool.build(data.train, data.mix, mix_ratio=cfg.mix_ratio, balance=cfg.balance, device=device)
+        if pretrain is not None:  # model A on B before any step; --bn_adapt keeps the adapted statistics
+            pretrain["zero_shot"] = zero_shot_report(
+                learner.model,
+                data.train,
+                data.val,
+                adapt=cfg.bn_adapt,
+                batch_size=cfg.batch_size,
+                device=device,
+                seed=cfg.seed,
+            )
+        attach_finetuning(learner, cfg, anchor=(start.resume or {}).get("l2sp_anchor"))
+        primary = [data.train] + ([data.extra_train] if data.extra_train is not None else [])
+        pool = TrainingPool.build(primary, data.mix, mix_ratio=cfg.mix_ratio, balance=cfg.balance, device=device)
 
         run_dir = output_dir if start.resume else next_run_dir(output_dir, created)
         attach_log(run_dir)
         remove_stale_temporaries(run_dir)
         job = Job(cfg, model_cfg, learner, pool, data, device, amp_dtype(device, cfg.use_amp), run_dir)
+        if cfg.hard_mining > 0:
+            job.sample_losses = torch.full((pool.primary,), float("nan"))
         job.record = RunRecord([], Best(selection_metric(data)), pretrain)
         first_epoch, partial = 1, None
         if start.resume:
             first_epoch, partial = resume_job(job, start.resume)
         else:
             log.info("run folder: %s", run_dir)
-            meta = {"pretrain": pretrain, "device": str(device), "ocec_version": __version__}
+            meta = {"pretrain": pretrain, "filled_in": start.filled, "device": str(device), "ocec_version": __version__}
             write_json_atomic(run_dir / "config.json", {"model": model_cfg.to_dict(), "train": cfg.to_dict(), **meta})
 
         with stop_signals() as stop, closing(Reporter(run_dir, cfg.tensorboard, cfg.save_diagnostics)) as reporter:
@@ -102,6 +118,7 @@ def train(**settings) -> Path:
                     rewarm_epochs=cfg.stage_warmup_epochs,
                     announce=epoch == first_epoch,
                     mid_epoch=partial is not None,
+                    side=cfg.unfreeze_from,
                 )
                 if stage:
                     log.info(stage)
@@ -133,6 +150,7 @@ class Job:
     run_dir: Path
     record: RunRecord | None = None
     bad_steps: int = 0  # consecutive non-finite steps
+    sample_losses: torch.Tensor | None = None  # --hard_mining: each train sample's last loss (NaN: not yet seen)
 
     @property
     def keeper(self) -> CheckpointKeeper:
@@ -140,6 +158,8 @@ class Job:
 
     def payload(self, epoch: int, **fields) -> dict:
         states, record = self.learner.state_dict(), self.record.to_dict()
+        if self.sample_losses is not None:
+            states["sample_losses"] = self.sample_losses.clone()
         return training_payload(
             model_cfg=self.model_cfg, train_cfg=self.cfg, states=states, record=record, epoch=epoch, **fields
         )
@@ -148,83 +168,18 @@ class Job:
 # --- one epoch -----------------------------------------------------------------------------------
 
 
-@dataclass
-class EpochState:
-    """Progress inside an epoch, in buffers allocated once per epoch on the training device: the loop
-    never waits for the device (except to check skipped steps every `check_every` steps), and keeps no
-    per-step objects alive (small tensors kept for an epoch between each step's large short-lived ones
-    fragmented the heap: +4 MB per step). Interrupt checkpoints save it with the augmentation
-    generator's state, so a stopped epoch resumes mid-way with the same statistics."""
-
-    order: torch.Tensor  # the epoch's pool indices
-    batch_size: int
-    aug_gen: torch.Generator
-    step: int = 0
-    loss_sum: torch.Tensor | float = 0.0  # float64, over the images of steps taken
-    kept: torch.Tensor | int = 0  # images of steps taken
-    logits: torch.Tensor | None = None  # one per sample of `order`, filled as the steps go
-    taken: torch.Tensor | None = None  # one per step: the step was taken (not skipped)
-    unchecked: list = field(default_factory=list)  # per step since the last check: 0 ok, 1 loss, 2 gradient non-finite
-
-    def __post_init__(self):
-        device = self.aug_gen.device
-        self.logits = torch.zeros(len(self.order), device=device)
-        self.taken = torch.zeros(self.total_steps, dtype=torch.bool, device=device)
-
-    @property
-    def total_steps(self) -> int:
-        return steps_per_epoch(len(self.order), self.batch_size)
-
-    @property
-    def finished(self) -> bool:
-        return self.step >= self.total_steps
-
-    @property
-    def seen(self) -> int:
-        """Images processed so far, skipped steps included."""
-        return min(self.step * self.batch_size, len(self.order))
-
-    def batch(self) -> torch.Tensor:
-        return self.order[self.seen : self.seen + self.batch_size]
-
-    def add(self, loss: torch.Tensor, logit: torch.Tensor, loss_ok, grad_ok) -> None:
-        taken = loss_ok & grad_ok
-        self.logits[self.seen : self.seen + len(logit)] = logit.detach().float()
-        self.taken[self.step] = taken
-        self.loss_sum = self.loss_sum + torch.where(taken, loss.detach().double() * len(logit), 0.0)
-        self.kept = self.kept + taken.long() * len(logit)
-        self.unchecked.append(torch.where(loss_ok, torch.where(grad_ok, 0, 2), 1))
-        self.step += 1
-
-    def mean_loss(self) -> float:
-        return float(self.loss_sum) / max(1, int(self.kept))
-
-    def outputs(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, labels) of the samples of the steps taken so far, on the CPU; `labels` of the pool."""
-        n = self.seen
-        taken = self.taken[torch.arange(n, device=self.taken.device) // self.batch_size].cpu()
-        return self.logits[:n].cpu()[taken], labels[self.order[:n]].cpu()[taken]
-
-    def to_dict(self) -> dict:
-        loss_sum = torch.as_tensor(self.loss_sum, dtype=torch.float64).cpu()
-        logits, taken = self.logits[: self.seen].cpu(), self.taken[: self.step].cpu()
-        return {"step": self.step, "kept": int(self.kept), "loss_sum": loss_sum, "logits": logits, "taken": taken}
-
-    def load(self, data: dict) -> "EpochState":
-        device = self.aug_gen.device
-        self.step, self.kept, self.loss_sum = data["step"], data["kept"], data["loss_sum"].to(device)
-        self.logits[: len(data["logits"])] = data["logits"].to(device)
-        self.taken[: len(data["taken"])] = data["taken"].to(device)
-        return self
-
-
 def train_one_epoch(job: Job, epoch: int, stop: StopFlag, partial: dict | None = None) -> EpochState:
     """One pass over the epoch's seeded sample order; stops early (state.finished False) on a signal.
     `partial` (an interrupted epoch's saved state and generator states) continues it."""
     cfg, device = job.cfg, job.device
-    mix_labels = job.data.mix.labels if job.data.mix is not None else None
     order_gen = epoch_generator(cfg.seed, epoch, ORDER_STREAM)
-    order = epoch_order(job.data.train.labels, mix_labels, cfg.mix_ratio, cfg.balance == "sampler", order_gen)
+    hard = None
+    if job.sample_losses is not None and not torch.isnan(job.sample_losses).all():
+        hard = (cfg.hard_mining, hard_weights(job.sample_losses))
+    pool = job.pool
+    order = epoch_order(
+        pool.primary_labels, pool.mix_labels, cfg.mix_ratio, cfg.balance == "sampler", order_gen, hard=hard
+    )
     aug_gen = epoch_generator(cfg.seed, epoch, AUGMENT_STREAM, device)
     state = EpochState(order.to(job.pool.device), cfg.batch_size, aug_gen)
     if partial is None:
@@ -254,11 +209,15 @@ def continue_epoch(job: Job, epoch: int, state: EpochState, stop: StopFlag) -> E
         learner.optimizer.zero_grad(set_to_none=True)
         learner.scaler.scale(loss).backward()
         learner.scaler.unscale_(learner.optimizer)
+        if learner.l2sp is not None:
+            learner.l2sp.add_to_gradients()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         # An active GradScaler owns fp16 overflow in the gradients; otherwise a non-finite gradient is ours to skip.
         loss_ok = torch.isfinite(loss)
         grad_ok = torch.ones_like(loss_ok) if learner.scaler.is_enabled() else torch.isfinite(grad_norm)
         optimizer_step(learner.optimizer, learner.scaler, loss_ok & grad_ok)
+        if learner.ema is not None:  # after a skipped step the weights are unchanged, and so nearly is the EMA
+            learner.ema.update_parameters(learner.model)
         state.add(loss, logit, loss_ok, grad_ok)
         learner.schedule.step()
         if state.step % check_every == 0:
@@ -295,8 +254,19 @@ def check_skipped_steps(job: Job, epoch: int, state: EpochState) -> None:
 
 
 def end_epoch(job: Job, epoch: int, state: EpochState, *, seconds: float, started: float, reporter: Reporter) -> None:
-    cfg, schedule, record, model = job.cfg, job.learner.schedule, job.record, job.learner.model
+    cfg, schedule, record, model = job.cfg, job.learner.schedule, job.record, job.learner.evaluated
     logits, labels = state.outputs(job.pool.labels)
+    if job.sample_losses is not None:
+        remember_sample_losses(job, state)
+    if cfg.precise_bn:
+        adapt_batchnorm(
+            model,
+            job.data.train,
+            batch_size=cfg.batch_size,
+            device=job.device,
+            max_images=cfg.precise_bn,
+            seed=cfg.seed + epoch,
+        )
     metrics = {"train": {"loss": state.mean_loss(), **binary_report(labels.numpy(), torch.sigmoid(logits).numpy())}}
     val_probs = None
     evaluate = dict(batch_size=cfg.batch_size, device=job.device, amp_dtype=job.amp_dtype)
@@ -316,7 +286,8 @@ def end_epoch(job: Job, epoch: int, state: EpochState, *, seconds: float, starte
     if improved:
         name = best_name(epoch, f1) if record.best.metric.endswith("f1") else best_name(epoch, score, "loss")
         record.best = Best(record.best.metric, float(score), f1, epoch, str(job.run_dir / name))
-    saved = job.keeper.save_epoch(epoch, job.payload(epoch, metrics=metrics, score=f1))
+    threshold = _defined(metrics["val"]["best_threshold"]) if "val" in metrics else None
+    saved = job.keeper.save_epoch(epoch, job.payload(epoch, metrics=metrics, score=f1, threshold=threshold))
     if improved:
         job.keeper.copy_to_best(saved, Path(record.best.path).name)
     (job.run_dir / INTERRUPTED_NAME).unlink(missing_ok=True)
@@ -332,6 +303,34 @@ def end_epoch(job: Job, epoch: int, state: EpochState, *, seconds: float, starte
             cfg.plateau_factor,
             cfg.min_lr,
             ", ".join(f"{g} {v:.2e}" for g, v in schedule.lrs().items()),
+        )
+
+
+def remember_sample_losses(job: Job, state: EpochState) -> None:
+    """--hard_mining: each train sample's loss this epoch (margin-free BCE of its logit), for the next
+    epoch's draw. Mixed-in samples (pool index >= len(train)) are not mined."""
+    n = state.seen
+    taken = state.taken[torch.arange(n, device=state.taken.device) // state.batch_size]
+    order = state.order[:n][taken]
+    logits = state.logits[:n][taken]
+    labels = job.pool.labels[order].to(logits.device).float()
+    losses = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    primary = order < len(job.sample_losses)
+    job.sample_losses[order[primary].cpu()] = losses[primary].float().cpu()
+
+
+def attach_finetuning(learner: Learner, cfg: TrainConfig, anchor: dict | None) -> None:
+    """The weight EMA (--ema_decay) and the L2-SP anchor (--l2sp: the weights as they are now, the
+    pretrained ones; on --resume, the anchor saved in the checkpoint)."""
+    if cfg.ema_decay is not None:
+        learner.ema = weight_ema(learner.model, cfg.ema_decay)
+    if cfg.l2sp > 0:
+        learner.l2sp = L2SP(learner.model, cfg.l2sp, anchor)
+    if cfg.layer_decay < 1.0:
+        log.info(
+            "layer-wise LR decay %g: backbone LR x %s",
+            cfg.layer_decay,
+            describe_layer_decay(learner.model.backbone.unit_names(), cfg.layer_decay),
         )
 
 
@@ -366,6 +365,8 @@ def resume_job(job: Job, raw: dict) -> tuple[int, dict | None]:
     train_one_epoch needs to continue an interrupted epoch, or None)."""
     job.learner.load_state_dict(raw)
     job.record = RunRecord.from_dict(raw)
+    if job.sample_losses is not None and "sample_losses" in raw:
+        job.sample_losses = raw["sample_losses"].clone()
     epoch, interrupted = raw["epoch"], "partial" in raw  # an interrupt may come before the epoch's first step
     stale = job.keeper.drop_after(epoch - 1 if interrupted else epoch)
     if stale:

@@ -16,11 +16,15 @@ DATA_ROOT_B="${DATA_ROOT_B:-}"              # parquet file or folder of dataset 
 OUTPUT_DIR="${OUTPUT_DIR:-runs/ocec_finetune}"
 EPOCHS="${EPOCHS:-150}"
 BATCH_SIZE="${BATCH_SIZE:-256}"
-LR="${LR:-1e-4}"                            # about 1/10 of the from-scratch rate
+LR="${LR:-}"                                # empty: the --pretrain default, 1e-3 (measured: docs/finetune.md)
 BACKBONE_LR="${BACKBONE_LR:-}"              # empty: same as LR
 HEAD_LR="${HEAD_LR:-}"
 MARGIN_LR="${MARGIN_LR:-}"
-WARMUP_EPOCHS="${WARMUP_EPOCHS:-5}"
+WARMUP_EPOCHS="${WARMUP_EPOCHS:-}"          # empty: the --pretrain default, 1
+RECIPE="${RECIPE:-}"                        # empty: full; or lp-ft, surgical, progressive
+BN_ADAPT="${BN_ADAPT:-1}"                   # 1: re-estimate BatchNorm statistics on B first (AdaBN)
+EMA_DECAY="${EMA_DECAY:-}"                  # e.g. 0.999 for long runs: validate and keep averaged weights
+EXTRA_TRAIN_ROOT="${EXTRA_TRAIN_ROOT:-}"    # e.g. the output of ocec pseudo-label: added to every epoch
 PLATEAU_FACTOR="${PLATEAU_FACTOR:-0.5}"
 PLATEAU_PATIENCE="${PLATEAU_PATIENCE:-5}"
 WEIGHT_DECAY="${WEIGHT_DECAY:-1e-4}"
@@ -103,9 +107,15 @@ if ((${#checkpoints[@]} == 0)); then
 fi
 
 cmd=(ocec train --pretrain "${checkpoints[@]}" --data_root "$DATA_ROOT_B" --output_dir "$OUTPUT_DIR"
-     --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --lr "$LR" --warmup_epochs "$WARMUP_EPOCHS"
+     --epochs "$EPOCHS" --batch_size "$BATCH_SIZE"
      --plateau_factor "$PLATEAU_FACTOR" --plateau_patience "$PLATEAU_PATIENCE" --weight_decay "$WEIGHT_DECAY"
      --dropout "$DROPOUT" --num_workers "$NUM_WORKERS" --device "$DEVICE" --seed "$SEED")
+[[ -n "$LR" ]] && cmd+=(--lr "$LR")
+[[ -n "$WARMUP_EPOCHS" ]] && cmd+=(--warmup_epochs "$WARMUP_EPOCHS")
+[[ -n "$RECIPE" ]] && cmd+=(--recipe "$RECIPE")
+[[ "$BN_ADAPT" == 0 ]] && cmd+=(--no_bn_adapt)
+[[ -n "$EMA_DECAY" ]] && cmd+=(--ema_decay "$EMA_DECAY")
+[[ -n "$EXTRA_TRAIN_ROOT" ]] && cmd+=(--extra_train_root "$EXTRA_TRAIN_ROOT")
 [[ -n "$BACKBONE_LR" ]] && cmd+=(--backbone_lr "$BACKBONE_LR")
 [[ -n "$HEAD_LR" ]] && cmd+=(--head_lr "$HEAD_LR")
 [[ -n "$MARGIN_LR" ]] && cmd+=(--margin_lr "$MARGIN_LR")
@@ -120,14 +130,16 @@ echo "== fine-tune configuration"
 echo "checkpoint      : ${checkpoints[*]}"
 echo "dataset B       : $DATA_ROOT_B"
 echo "output dir      : $OUTPUT_DIR"
-echo "epochs          : $EPOCHS (warmup $WARMUP_EPOCHS), batch $BATCH_SIZE"
-echo "learning rates  : lr $LR, backbone ${BACKBONE_LR:-=lr}, head ${HEAD_LR:-=lr}, margin ${MARGIN_LR:-=lr}"
+echo "epochs          : $EPOCHS (warmup ${WARMUP_EPOCHS:-1, the --pretrain default}), batch $BATCH_SIZE"
+echo "learning rates  : lr ${LR:-1e-3 (the --pretrain default)}, backbone ${BACKBONE_LR:-=lr}, head ${HEAD_LR:-=lr}, margin ${MARGIN_LR:-=lr}"
+echo "recipe          : ${RECIPE:-full}, BatchNorm adaptation $([[ "$BN_ADAPT" == 0 ]] && echo off || echo on), EMA ${EMA_DECAY:-off}"
 echo "plateau         : factor $PLATEAU_FACTOR, patience $PLATEAU_PATIENCE"
 echo "regularisation  : weight decay $WEIGHT_DECAY, dropout $DROPOUT"
 echo "margin method   : ${MARGIN_METHOD:-from the checkpoint}"
 echo "stages          : ${STAGES:-none (whole network trains)}"
 echo "mix             : ${MIX_DATA_ROOT:+$MIX_DATA_ROOT at $MIX_RATIO}${MIX_DATA_ROOT:-none}"
 echo "extra val       : ${EXTRA_VAL_ROOT:-none}"
+echo "extra train     : ${EXTRA_TRAIN_ROOT:-none}"
 echo "extra flags     : ${passthrough[*]:-none}"
 echo "command         : $PYTHON -m ${cmd[*]}"
 

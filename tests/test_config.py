@@ -1,16 +1,15 @@
-"""Configs: defaults in one place, validation, stages, and merging settings with a checkpoint's configs."""
+"""Configs and settings: defaults in one place, validation, stages, recipes, and merging settings with a
+checkpoint's configs."""
 
 from __future__ import annotations
 
 import pytest
 
-from ocec.config import (
-    MARGIN_DEFAULTS,
-    ModelConfig,
-    Stage,
-    TrainConfig,
-    parse_stages,
+from ocec.config import MARGIN_DEFAULTS, ModelConfig, Stage, TrainConfig, parse_stages
+from ocec.settings import (
+    finetune_settings,
     pretrained_model_config,
+    recipe_settings,
     resumed_configs,
     scratch_model_config,
     split_settings,
@@ -129,3 +128,16 @@ def test_split_settings_sorts_flags_and_refuses_unknown_names():
     assert train == {"epochs": 3} and model == {"base_channels": 8, "image_size": (16, 32)}
     with pytest.raises(TypeError, match="unknown training setting.*epoch"):
         split_settings({"epoch": 3})
+
+
+def test_recipes_scale_with_the_epochs_and_given_flags_win():
+    assert recipe_settings("full", 16) == {}
+    assert recipe_settings("lp-ft", 16) == {"stages": [Stage(1, 0.0), Stage(5, 1.0)]}
+    assert recipe_settings("progressive", 16)["stages"] == [Stage(1, 0.0), Stage(5, 0.5), Stage(9, 1.0)]
+    assert recipe_settings("surgical", 16) == {"stages": [Stage(1, 0.5)], "unfreeze_from": "input"}
+    assert recipe_settings("lp-ft", 2)["stages"] == [Stage(1, 0.0), Stage(2, 1.0)]
+    settings, filled = finetune_settings({"pretrain": ["a.pt"], "epochs": 16, "recipe": "lp-ft", "warmup_epochs": 0})
+    assert settings["warmup_epochs"] == 0 and settings["stages"] == [Stage(1, 0.0), Stage(5, 1.0)]
+    assert "warmup_epochs" not in filled and filled["bn_adapt"] is True
+    settings, _ = finetune_settings({"pretrain": ["a.pt"], "recipe": "lp-ft", "freeze_backbone": True})
+    assert "stages" not in settings  # the user's schedule replaces the recipe's

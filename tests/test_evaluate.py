@@ -245,13 +245,17 @@ def test_threshold_moves_the_decision(ocec, trained_run, data_a, tmp_path):
     assert predicted_open[0.05] > predicted_open[0.5] > predicted_open[0.95]
     assert reports[0.05]["threshold"] == 0.05 and reports[0.05]["roc_auc"] == reports[0.95]["roc_auc"]
     write_synthetic(tmp_path / "d", 20, seed=9, style="a", embed_bytes=False)
-    rows = {}
-    for threshold in (0.0, 1.01):
+    labels = {}
+    for threshold in (0.0, 0.5, 0.9):
         out = tmp_path / f"p{threshold}.csv"
         flags = ["--inputs", tmp_path / "d" / "images", "--output", out, "--threshold", threshold]
         assert ocec("predict", "--checkpoint", trained_run, *flags).code == 0
-        rows[threshold] = {r["label"] for r in csv.DictReader(out.open())}
-    assert rows == {0.0: {"open"}, 1.01: {"closed"}}
+        rows = list(csv.DictReader(out.open()))
+        assert all((float(r["prob_open"]) >= threshold) == (r["label"] == "open") for r in rows)
+        labels[threshold] = sum(r["label"] == "open" for r in rows)
+    assert labels[0.0] == 20 and labels[0.0] >= labels[0.5] >= labels[0.9]
+    refused = ocec("predict", "--checkpoint", trained_run, "--inputs", tmp_path / "d", "--threshold", 1.5)
+    assert refused.code == 2 and "a probability is in [0, 1]" in refused.err
 
 
 def test_predict_streams_a_folder_batch_by_batch(ocec, trained_run, tmp_path, monkeypatch):

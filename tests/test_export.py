@@ -20,13 +20,14 @@ def test_onnx_export_matches_pytorch(ocec, trained_run, tmp_path):
     assert "Conv+BatchNorm folded" in result.out and "max |logit difference|" in result.out
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]
-    assert [o.name for o in session.get_outputs()] == ["prob_open", "logit"]
+    assert [o.name for o in session.get_outputs()] == ["prob_open", "logit", "is_open"]
     snap, _ = choose_best([str(trained_run)])
     model, _, _ = load_for_inference([str(trained_run)], torch.device("cpu"))
     for n in (1, 7):  # dynamic batch
         x = torch.rand(n, 3, *snap.model_config.image_size, generator=torch.Generator().manual_seed(n))
-        onnx_prob, onnx_logit = session.run(None, {"images": x.numpy()})
+        onnx_prob, onnx_logit, is_open = session.run(None, {"images": x.numpy()})
         assert onnx_prob.shape == (n,) and onnx_logit.shape == (n,)
+        assert np.array_equal(is_open, onnx_prob >= 0.5)
         with torch.no_grad():
             assert np.abs(onnx_logit - model(x).numpy()).max() < 1e-4
         assert np.abs(onnx_prob - model.predict_proba(x).numpy()).max() < 1e-4

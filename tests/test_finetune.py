@@ -4,7 +4,9 @@ freezing and staged unfreezing, per-group LRs, mixing, extra validation, and tha
 from __future__ import annotations
 
 import glob
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,9 +71,8 @@ def test_margin_flags_that_would_do_nothing_are_refused(finetune, tmp_path):
 
 
 def test_freeze_backbone_keeps_weights_and_bn_statistics_while_the_head_learns(train, data_a, trained_run, tmp_path):
-    result = train(
-        data_a, tmp_path, 1, *TINY_TRAIN, "--pretrain", trained_run / "ocec_epoch_0002.pt", "--freeze_backbone"
-    )
+    flags = ["--pretrain", trained_run / "ocec_epoch_0002.pt", "--freeze_backbone", "--no_bn_adapt"]
+    result = train(data_a, tmp_path, 1, *TINY_TRAIN, *flags)
     assert result.code == 0, result.err
     assert "0/3 backbone units trainable" in result.out
     before = checkpoint(trained_run / "ocec_epoch_0002.pt")["model_state"]
@@ -224,3 +225,129 @@ def test_reinit_head_and_margin_init_through_the_cli(train, data_a, trained_run,
     assert "margin method none -> cosface" in result.out and "old classifier's direction" not in result.out
     result = train(data_a, tmp_path / "l", 1, *TINY_TRAIN, "--pretrain", bce_run, "--margin_method", "cosface")
     assert "old classifier's direction" in result.out  # auto: from the linear classifier when there is one
+
+
+def test_pretrain_fills_in_the_measured_defaults_and_logs_the_zero_shot_gap(finetune, tmp_path):
+    result = finetune(1)
+    assert result.code == 0, result.err
+    # TINY_TRAIN gives --warmup_epochs, so only the recipe and BN adaptation are filled in
+    assert "fine-tuning settings filled in (flags you give override them): --recipe full --bn_adapt\n" in result.out
+    assert "zero-shot on the val split: F1" in result.out and "after BatchNorm adaptation" in result.out
+    run = only_run(tmp_path)
+    cfg = config(run)
+    assert cfg["train"]["bn_adapt"] is True and cfg["filled_in"] == "--recipe full --bn_adapt"
+    zero = cfg["pretrain"]["zero_shot"]
+    assert set(zero) == {"before", "after_bn_adapt", "bn_adapt_images"} and zero["bn_adapt_images"] > 0
+
+
+def test_a_recipe_expands_into_stages_and_given_flags_win(finetune, tmp_path):
+    result = finetune(4, "--recipe", "lp-ft")
+    assert result.code == 0, result.err
+    run = only_run(tmp_path)
+    assert "--stages 1:0,2:1" in result.out  # the first quarter of 4 epochs trains the head only
+    assert [r["trainable_backbone_units"] for r in history(run)] == [0, 3, 3, 3]
+    assert config(run)["train"]["stages"] == [
+        {"epoch": 1, "fraction": 0.0, "backbone_lr": None},
+        {"epoch": 2, "fraction": 1.0, "backbone_lr": None},
+    ]
+    result = finetune(2, "--recipe", "lp-ft", "--freeze_backbone", "--bn_adapt", "--warmup_epochs", 0)
+    assert result.code == 0, result.err  # the user's schedule replaces the recipe's
+    assert config(sorted(tmp_path.glob("v*"))[-1])["train"]["stages"] is None
+
+
+def test_surgical_stages_release_the_input_side(finetune, tmp_path):
+    result = finetune(1, "--stages", "1:0.33", "--unfreeze_from", "input")
+    assert result.code == 0, result.err
+    assert "1/3 backbone units trainable (stem)" in result.out
+
+
+def test_layer_decay_scales_each_backbone_unit(finetune, tmp_path):
+    result = finetune(1, "--layer_decay", 0.5, "--lr", 1e-3)
+    assert result.code == 0, result.err
+    groups = checkpoint(only_run(tmp_path) / "ocec_epoch_0001.pt")["optimizer_state"]["param_groups"]
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs["backbone.features.1"] == pytest.approx(0.5e-3)
+    assert lrs["backbone.features.0"] == pytest.approx(0.25e-3)
+    assert lrs["backbone.stem"] == pytest.approx(0.125e-3) and lrs["head_no_decay"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("flags", [["--l2sp", 0], ["--layer_decay", 1], ["--hard_mining", 0], ["--precise_bn", 0]])
+def test_neutral_values_reproduce_the_run_exactly(finetune, tmp_path, flags):
+    assert finetune(2, "--seed", 3).code == 0
+    assert finetune(2, "--seed", 3, *flags).code == 0
+    first, second = sorted(tmp_path.glob("v*"))
+    assert history(first) == history(second)
+    a, b = (checkpoint(r / "ocec_epoch_0002.pt")["model_state"] for r in (first, second))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_l2sp_keeps_the_backbone_closer_to_the_pretrained_weights(finetune, trained_run, tmp_path):
+    start = choose_best([str(trained_run)])[0].state
+    distance = {}
+    for alpha in (0, 10):
+        assert finetune(2, "--l2sp", alpha, "--lr", 3e-3, "--seed", 1).code == 0
+        run = sorted(tmp_path.glob("v*"))[-1]
+        state = checkpoint(run / "ocec_epoch_0002.pt")["model_state"]
+        distance[alpha] = sum(
+            float((state[k] - start[k]).pow(2).sum())
+            for k in state
+            if k.startswith("backbone.") and "running" not in k and "num_batches" not in k
+        )
+    assert distance[10] < 0.5 * distance[0]
+    assert checkpoint(run / "ocec_epoch_0002.pt")["l2sp_anchor"].keys() == {
+        k for k in start if k.startswith("backbone.") and k.endswith(("weight", "bias"))
+    }
+
+
+def test_ema_is_validated_kept_and_resumed_bit_exactly(ocec, finetune, tmp_path):
+    assert finetune(3, "--ema_decay", 0.9, "--seed", 2).code == 0
+    straight = only_run(tmp_path)
+    ckpt = checkpoint(straight / "ocec_epoch_0003.pt")
+    assert ckpt["ema_updates"] == sum(1 for _ in range(3)) * ckpt["schedule_state"]["step_count"] // 3
+    assert not torch.equal(ckpt["ema_state"]["head.norm.weight"], ckpt["model_state"]["head.norm.weight"])
+    assert torch.equal(
+        read_snapshot(straight / "ocec_epoch_0003.pt").state["head.norm.weight"], ckpt["ema_state"]["head.norm.weight"]
+    )
+    assert finetune(2, "--ema_decay", 0.9, "--seed", 2).code == 0
+    first_leg = sorted(tmp_path.glob("v*"))[-1]
+    assert ocec("train", "--resume", first_leg, "--epochs", 3).code == 0
+    resumed = checkpoint(first_leg / "ocec_epoch_0003.pt")
+    assert history(first_leg) == history(straight)
+    for key in ("ema_state", "model_state"):
+        assert all(torch.equal(resumed[key][k], ckpt[key][k]) for k in ckpt[key]), key
+
+
+def test_hard_mining_draws_high_loss_samples_and_resumes_exactly(ocec, finetune, tmp_path):
+    assert finetune(3, "--hard_mining", 0.5, "--seed", 4).code == 0
+    straight = only_run(tmp_path)
+    losses = checkpoint(straight / "ocec_epoch_0003.pt")["sample_losses"]
+    assert not torch.isnan(losses).all()
+    assert finetune(2, "--hard_mining", 0.5, "--seed", 4).code == 0
+    first_leg = sorted(tmp_path.glob("v*"))[-1]
+    assert ocec("train", "--resume", first_leg, "--epochs", 3).code == 0
+    assert history(first_leg) == history(straight)
+
+
+def test_precise_bn_re_estimates_before_each_validation(finetune, tmp_path, monkeypatch):
+    import ocec.trainer as trainer_mod
+
+    calls = []
+    real = trainer_mod.adapt_batchnorm
+    monkeypatch.setattr(trainer_mod, "adapt_batchnorm", lambda *a, **k: calls.append(k["max_images"]) or real(*a, **k))
+    assert finetune(2, "--precise_bn", 64).code == 0
+    assert calls == [64, 64]
+
+
+def test_the_val_optimal_threshold_is_stored_and_used_by_auto(ocec, finetune, data_a, tmp_path):
+    assert finetune(2).code == 0
+    run = only_run(tmp_path)
+    info = summary(run)
+    best = checkpoint(Path(info["best_checkpoint"]))
+    row = history(run)[best["epoch"] - 1]
+    assert best["threshold"] == pytest.approx(row["val_best_threshold"]) and 0 < best["threshold"] < 1
+    out = tmp_path / "e.json"
+    result = ocec("eval", "--checkpoint", run, "--data_root", data_a, "--threshold", "auto", "--json", out)
+    assert result.code == 0, result.err
+    report = json.loads(out.read_text())["overall"]
+    assert report["threshold"] == pytest.approx(best["threshold"])
+    assert report["f1"] == pytest.approx(row["val_best_f1"])  # the val split at its best threshold

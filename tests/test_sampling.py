@@ -48,7 +48,7 @@ def test_a_mixed_pool_gathers_from_both_datasets_without_joining_them():
     b = (100 + torch.arange(5, dtype=torch.uint8)).view(5, 1, 1, 1).expand(5, 3, 2, 2).contiguous()
     train = Split("train", a, torch.tensor([1, 3, 5, 7]), torch.tensor([0, 1, 0, 1]))
     mix = Split("train", b, torch.tensor([0, 4]), torch.tensor([1, 1]))
-    pool = TrainingPool.build(train, mix, mix_ratio=0.5, balance="none", device=torch.device("cpu"))
+    pool = TrainingPool.build([train], mix, mix_ratio=0.5, balance="none", device=torch.device("cpu"))
     assert len(pool.parts) == 2 and pool.parts[0][0] is a and pool.parts[1][0] is b  # no concatenated copy
     batch = pool.take(torch.tensor([5, 0, 4, 3]))
     assert batch[:, 0, 0, 0].tolist() == [104, 1, 100, 7]

@@ -1,0 +1,118 @@
+"""What fine-tuning adds to training: BatchNorm adaptation, the zero-shot report, weight EMA and the
+L2-SP anchor. Each is off unless its flag asks for it, and then changes nothing else.
+
+- BatchNorm adaptation (AdaBN, Li et al. 2016): model A's running statistics describe dataset A; on a
+  shifted B they misplace every activation, so A ranks B's images well but thresholds them badly.
+  Re-estimating them on B's training images (no augmentation, no gradient) fixes that before the first
+  step. `torch.optim.swa_utils.update_bn` does the pass (a cumulative average over the images given).
+- Weight EMA: `torch.optim.swa_utils.AveragedModel` with an EMA average, buffers included (as timm's
+  ModelEmaV3); validation, best-checkpoint selection, eval and export use the averaged weights.
+- L2-SP (Li et al. 2018): the backbone is pulled towards the pretrained weights instead of towards zero.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+
+from .data import Split
+from .inference import evaluate_split
+from .model import OcecModel
+from .reporting import fmt
+from .sampling import to_float
+
+log = logging.getLogger("ocec")
+
+BN_ADAPT_IMAGES = 20_000  # statistics of 20k images are as good as of all of them, and cost seconds
+
+
+def adapt_batchnorm(
+    model: OcecModel, split: Split, *, batch_size: int, device: torch.device, max_images: int, seed: int
+) -> int:
+    """Re-estimate every BatchNorm's running statistics on up to `max_images` images of `split` (a seeded
+    subset), without augmentation or gradients. Weights do not change. Returns the number of images."""
+    count = min(len(split), max_images)
+    positions = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    batches = (
+        to_float(split.take(positions[start : start + batch_size]), device) for start in range(0, count, batch_size)
+    )
+    was_training = model.training
+    update_bn(batches, model)
+    model.train(was_training)
+    return count
+
+
+def zero_shot_report(
+    model: OcecModel, train: Split, val: Split | None, *, adapt: bool, batch_size: int, device: torch.device, seed: int
+) -> dict:
+    """Model A on B's val split before any step: as loaded, and after BatchNorm adaptation (which is kept
+    only when `adapt`, else measured on a copy). The user sees the domain gap before spending a GPU-day."""
+    report = {}
+    if val is not None:
+        before, _ = evaluate_split(model, val, batch_size=batch_size, device=device, desc="zero-shot")
+        report["before"] = {k: before[k] for k in ("f1", "roc_auc", "loss")}
+    target = model if adapt else copy.deepcopy(model)
+    images = adapt_batchnorm(target, train, batch_size=batch_size, device=device, max_images=BN_ADAPT_IMAGES, seed=seed)
+    report["bn_adapt_images"] = images
+    if val is not None:
+        after, _ = evaluate_split(target, val, batch_size=batch_size, device=device, desc="zero-shot")
+        report["after_bn_adapt"] = {k: after[k] for k in ("f1", "roc_auc", "loss")}
+        b, a = report["before"], report["after_bn_adapt"]
+        log.info(
+            "zero-shot on the val split: F1 %s ROC-AUC %s | after BatchNorm adaptation on %d train images: "
+            "F1 %s ROC-AUC %s (%s)",
+            fmt(b["f1"]),
+            fmt(b["roc_auc"], 3),
+            images,
+            fmt(a["f1"]),
+            fmt(a["roc_auc"], 3),
+            "applied: --bn_adapt" if adapt else "not applied; --bn_adapt would",
+        )
+    elif adapt:
+        log.info("BatchNorm statistics re-estimated on %d train images (--bn_adapt)", images)
+    return report
+
+
+def weight_ema(model: OcecModel, decay: float) -> AveragedModel:
+    """An exponential moving average of the weights and buffers: ema = decay * ema + (1 - decay) * weights."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+class L2SP:
+    """Adds alpha * (w - w_pretrained) to the gradient of every backbone weight (the gradient of
+    alpha/2 * ||w - w_pretrained||^2). Added to the gradient, not the loss: the reported loss stays the
+    classification loss, comparable between runs."""
+
+    def __init__(self, model: OcecModel, alpha: float, anchor: dict | None = None):
+        self.alpha = alpha
+        self.pairs = []
+        for name, param in model.named_parameters():
+            if name.startswith("backbone."):
+                start = anchor[name] if anchor is not None else param.detach()
+                self.pairs.append((name, param, start.to(param.device).clone()))
+
+    def add_to_gradients(self) -> None:
+        for _, param, start in self.pairs:
+            if param.grad is not None:
+                param.grad.add_(param.detach() - start, alpha=self.alpha)
+
+    def state_dict(self) -> dict:
+        return {name: start.cpu() for name, _, start in self.pairs}
+
+
+def describe_layer_decay(units: list[str], decay: float) -> str:
+    scales = [decay ** (len(units) - i) for i in range(len(units))]
+    return ", ".join(f"{u} x{s:.3g}" for u, s in zip(units, scales))
+
+
+def hard_weights(losses: torch.Tensor, cap: float = 10.0) -> torch.Tensor:
+    """Sampling weights in proportion to each sample's last loss, bounded to [median / cap, median * cap]
+    so a few mislabelled images cannot take over an epoch; samples never seen count as the median."""
+    known = losses[~torch.isnan(losses)]
+    middle = float(known.quantile(0.5)) if len(known) else 1.0
+    middle = middle if np.isfinite(middle) and middle > 0 else 1.0
+    return losses.nan_to_num(middle).clamp(middle / cap, middle * cap)
