@@ -90,7 +90,7 @@ def phase_ocec(args) -> dict:
     from ocec.runtime import amp_dtype, keep_freed_memory, resolve_device
     from ocec.sampling import TrainingPool, steps_per_epoch
     from ocec.start import plan_start
-    from ocec.trainer import Job
+    from ocec.job import Job
 
     tic = time.perf_counter()
     start = plan_start(_settings(args, args.cache))
@@ -194,14 +194,7 @@ def phase_conventional(args) -> dict:
         loss.backward()
         optimizer.step()
 
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    _sync(device)
-    return {"images_per_s": args.steps * args.batch_size / (time.perf_counter() - t), "peak_rss_gb": _peak_rss_gb()}
+    return {"images_per_s": _images_per_s(step, args, device), "peak_rss_gb": _peak_rss_gb()}
 
 
 def phase_compute(args) -> dict:
@@ -228,6 +221,17 @@ def phase_compute(args) -> dict:
         loss.backward()
         optimizer.step()
 
+    return {"images_per_s": _images_per_s(step, args, device)}
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _images_per_s(step, args, device) -> float:
+    """Training images per second of `step`, timed over --steps after --warmup untimed ones."""
     for _ in range(args.warmup):
         step()
     _sync(device)
@@ -235,13 +239,7 @@ def phase_compute(args) -> dict:
     for _ in range(args.steps):
         step()
     _sync(device)
-    return {"images_per_s": args.steps * args.batch_size / (time.perf_counter() - t)}
-
-
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    return args.steps * args.batch_size / (time.perf_counter() - t)
 
 
 def _sync(device) -> None:

@@ -1,3 +1,3 @@
 """ocec: train and fine-tune tiny open/closed-eye classifiers."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -33,7 +33,7 @@ from .config import (
     parse_image_size,
     parse_stages,
 )
-from .errors import Interrupted, UserError
+from .errors import Interrupted, PeerFailed, UserError
 
 log = logging.getLogger("ocec")
 TRAIN_DEFAULTS = {**asdict(ModelConfig()), **asdict(TrainConfig())}
@@ -176,6 +176,11 @@ def _train_flags(p) -> None:
     g.add_argument("--seed", type=int, help="seeds splits, init, sampling, augmentation, dropout")
     g.add_argument("--device", help=DEVICE_HELP)
     g.add_argument("--use_amp", action="store_true", help="mixed precision: fp16+GradScaler on CUDA, bf16 on CPU")
+    g.add_argument(
+        "--sync_bn",
+        action="store_true",
+        help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm); one process: no effect",
+    )
     g.add_argument(
         "--compile",
         action="store_true",
@@ -469,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return int(args.handler(args) or 0)
+    except PeerFailed:  # the process that failed printed the error
+        return 2
     except UserError as exc:
         if args.debug:
             raise

@@ -153,6 +153,7 @@ class TrainConfig:
     device: str = "auto"
     use_amp: bool = False
     compile: bool = False
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)
     lr: float = 1e-3
     backbone_lr: float | None = None  # None: --lr (likewise head_lr, margin_lr)
     head_lr: float | None = None

@@ -14,6 +14,10 @@ class UserError(Exception):
     """A mistake in flags, files or data that the user can fix; the message names the culprit."""
 
 
+class PeerFailed(UserError):
+    """Under torchrun: another process hit a UserError and said so; this one stops quietly with exit 2."""
+
+
 class Interrupted(Exception):
     """SIGINT/SIGTERM stopped a run; `checkpoint` is the resumable checkpoint it wrote."""
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Split
+from .distributed import ONE_PROCESS, World, gather_rows
 from .errors import UserError
 from .metrics import best_threshold, binary_report, fisher_ratio
 from .model import OcecModel
@@ -45,12 +46,18 @@ def predict_split(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     desc: str = "eval",
+    world: World = ONE_PROCESS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and embeddings of every image of a split, in order, `batch_size` (or EVAL_BATCH) at a time."""
+    """Logits and embeddings of every image of a split, in order, `batch_size` (or EVAL_BATCH) at a time.
+    With several processes each predicts positions rank::world and all receive every row."""
     size = max(batch_size, EVAL_BATCH)
-    total = -(-len(split) // size)
-    batches = progress(split.batches(size), total=total, desc=desc, unit="batch")
-    return predict_batches(model, batches, device=device, amp_dtype=amp_dtype)
+    mine = torch.arange(world.rank, len(split), world.size)
+    batches = (split.take(mine[start : start + size]) for start in range(0, len(mine), size))
+    batches = progress(batches, total=-(-len(mine) // size), desc=desc, unit="batch")
+    logits, embeddings = predict_batches(model, batches, device=device, amp_dtype=amp_dtype)
+    if not world.distributed:
+        return logits, embeddings
+    return tuple(gather_rows(world, rows.to(device), len(split)).cpu() for rows in (logits, embeddings))
 
 
 def require_finite(logits: torch.Tensor, what: str, why: str = "the weights hold NaN or inf values") -> None:
@@ -66,10 +73,12 @@ def evaluate_split(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     desc: str = "val",
+    world: World = ONE_PROCESS,
 ) -> tuple[dict, np.ndarray]:
-    """Margin-free BCE loss, the classification report and the Fisher ratio of one split, and its probabilities."""
+    """Margin-free BCE loss, the classification report and the Fisher ratio of one split, and its probabilities.
+    With several processes each predicts a share and all compute the same report over the whole split."""
     logits, embeddings = predict_split(
-        model, split, batch_size=batch_size, device=device, amp_dtype=amp_dtype, desc=desc
+        model, split, batch_size=batch_size, device=device, amp_dtype=amp_dtype, desc=desc, world=world
     )
     require_finite(
         logits,

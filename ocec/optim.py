@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, Stage, TrainConfig
+from .distributed import TrainStep, World, wrap
 from .model import OcecModel, build_model, parameter_group_of
 from .runtime import amp_dtype, grad_scaler
 
@@ -293,15 +294,24 @@ class LRSchedule:
 
 class TrainingLoss:
     """The model's training loss and logits for a batch: (x, y, class_weight) -> (loss, logit).
-    With `compile`, torch.compile'd; where that fails (no compiler, an unsupported backend) it says so
-    in one line and runs eagerly."""
+    With several processes it runs through DistributedDataParallel (rebuilt by `distribute` when the
+    trainable parameters change); with `compile`, torch.compile'd, and where that fails (no compiler, an
+    unsupported backend) it says so in one line and runs eagerly."""
 
     def __init__(self, model: OcecModel, compile: bool = False):
-        self.model = model
-        self.compiled = torch.compile(self.eager) if compile else None
+        self.step = TrainStep(model)
+        self.runner: nn.Module = self.step
+        self.compiled = torch.compile(self.runner) if compile else None
+
+    def distribute(self, world: World, device: torch.device) -> None:
+        """Run through a new DDP wrapper over the parameters that train now; in one process, without one."""
+        runner = wrap(self.step, device) if world.distributed else self.step
+        if runner is not self.runner:
+            self.runner = runner
+            self.compiled = torch.compile(runner) if self.compiled is not None else None
 
     def eager(self, x: torch.Tensor, y: torch.Tensor, class_weight: torch.Tensor | None):
-        return self.model.margin_head.training_loss(self.model.embed(x), y, class_weight)
+        return self.runner(x, y, class_weight)
 
     def __call__(self, x, y, class_weight):
         if self.compiled is not None:

@@ -18,12 +18,15 @@ log = logging.getLogger("ocec")
 ORDER_STREAM, AUGMENT_STREAM, DROPOUT_STREAM = 1, 2, 3
 
 
-def epoch_seed(seed: int, epoch: int, stream: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919 + stream) % (2**63 - 1)
+def epoch_seed(seed: int, epoch: int, stream: int, rank: int = 0) -> int:
+    """`rank`: a process's own stream (augmentation, dropout) under torchrun; the order is shared (rank 0)."""
+    return (seed * 1_000_003 + epoch * 7919 + stream + rank * 2**32) % (2**63 - 1)
 
 
-def epoch_generator(seed: int, epoch: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch, stream))
+def epoch_generator(
+    seed: int, epoch: int, stream: int, device: torch.device | str = "cpu", rank: int = 0
+) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch, stream, rank))
 
 
 def draw(labels: torch.Tensor, count: int, generator: torch.Generator, balanced: bool) -> torch.Tensor:
@@ -66,9 +69,11 @@ def class_weight(open_share: float, balance: str) -> torch.Tensor | None:
     return torch.tensor([0.5 / (1 - share), 0.5 / share], dtype=torch.float32)
 
 
-def steps_per_epoch(num_samples: int, batch_size: int) -> int:
-    """Full batches plus the remainder, unless the remainder is one sample (BatchNorm cannot train on it)."""
-    return num_samples // batch_size + (1 if num_samples % batch_size >= 2 else 0)
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
+    """Full batches plus the remainder, unless the remainder gives a process one sample (BatchNorm cannot
+    train on it). With several processes the samples are first padded to a multiple of their number."""
+    padded = num_samples + (-num_samples) % world_size
+    return padded // batch_size + (1 if (padded % batch_size) // world_size >= 2 else 0)
 
 
 def to_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -365,7 +365,8 @@ def open_study(optuna, folder: Path, storage: str | None, name: str, pruner: str
                 )
                 break
             except Exception as exc:  # noqa: BLE001 - sqlalchemy's errors, or a URL that does not connect
-                if attempt == 4 or "already exists" not in str(exc):
+                racing = "already exists" in str(exc) or type(exc).__name__ == "IntegrityError"  # tables / version row
+                if attempt == 4 or not racing:
                     raise UserError(f"--storage {url}: cannot open it ({str(exc).splitlines()[0][:200]})") from None
                 time.sleep(0.5 + attempt)
     elif url.startswith("journal:"):  # a journal file on a shared filesystem: journal:/shared/sweep.log

@@ -36,6 +36,7 @@ MIX_RATIO="${MIX_RATIO:-0.3}"
 EXTRA_VAL_ROOT="${EXTRA_VAL_ROOT:-}"        # dataset A, to watch its F1 each epoch
 NUM_WORKERS="${NUM_WORKERS:-4}"
 DEVICE="${DEVICE:-auto}"
+NPROC="${NPROC:-1}"                         # >1: that many processes (GPUs) under torchrun; BATCH_SIZE is the global batch
 SEED="${SEED:-42}"
 USE_AMP="${USE_AMP:-0}"
 BACKGROUND="${BACKGROUND:-0}"
@@ -44,6 +45,11 @@ DEMO_DIR="${DEMO_DIR:-runs/finetune_demo}"
 
 if [[ -z "${PYTHON:-}" ]]; then
     PYTHON=$(command -v python || command -v python3)
+fi
+[[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || { echo "train_finetune.sh: error: NPROC=$NPROC: not a positive integer" >&2; exit 2; }
+launcher=("$PYTHON" -m)
+if ((NPROC > 1)); then
+    launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m)
 fi
 
 passthrough=()
@@ -141,7 +147,8 @@ echo "mix             : ${MIX_DATA_ROOT:+$MIX_DATA_ROOT at $MIX_RATIO}${MIX_DATA
 echo "extra val       : ${EXTRA_VAL_ROOT:-none}"
 echo "extra train     : ${EXTRA_TRAIN_ROOT:-none}"
 echo "extra flags     : ${passthrough[*]:-none}"
-echo "command         : $PYTHON -m ${cmd[*]}"
+echo "processes       : $NPROC$( ((NPROC > 1)) && echo " (torchrun; batch $BATCH_SIZE is global)")"
+echo "command         : ${launcher[*]} ${cmd[*]}"
 
 if [[ "$DRY_RUN" == 1 ]]; then
     exit 0
@@ -149,9 +156,9 @@ fi
 if [[ "$BACKGROUND" == 1 ]]; then
     mkdir -p "$OUTPUT_DIR/logs"
     log="$OUTPUT_DIR/logs/finetune_$(date +%Y%m%d_%H%M%S).log"
-    nohup "$PYTHON" -m "${cmd[@]}" >"$log" 2>&1 &
+    nohup "${launcher[@]}" "${cmd[@]}" >"$log" 2>&1 &
     echo "running in the background (pid $!); log: $log"
     echo "follow it with: tail -f $log"
 else
-    "$PYTHON" -m "${cmd[@]}"
+    "${launcher[@]}" "${cmd[@]}"
 fi

@@ -44,10 +44,12 @@ def test_every_ocec_command_in_the_docs_parses(doc):
     for command in _commands(doc):
         for part in command.split("&&"):
             tokens = shlex.split(part)
-            if tokens[:3] == ["python", "-m", "ocec"]:
+            if tokens[:1] in (["python"], ["torchrun"]) and "ocec" in tokens:  # torchrun ... -m ocec train ...
+                start = tokens.index("ocec")
+                assert tokens[start - 1] == "-m", part
                 found += 1
                 try:
-                    parser.parse_args(tokens[3:])
+                    parser.parse_args(tokens[start + 1 :])
                 except SystemExit:
                     pytest.fail(f"{doc.name}: {part.strip()!r} does not parse")
     assert found >= 3, f"{doc.name}: expected ocec commands"
@@ -113,6 +115,18 @@ def test_script_runs_a_fine_tune_with_overrides_and_extra_flags(tmp_path, traine
     config = json.loads((only_run(tmp_path / "out") / "config.json").read_text())["train"]
     assert (config["lr"], config["backbone_lr"], config["keep_last"], config["augment"]) == (3e-4, 1e-4, 1, "light")
     assert config["pretrain"] == [str(trained_run)]
+
+
+def test_script_runs_nproc_processes_under_torchrun(tmp_path, trained_run, data_b):
+    env = _tiny_finetune(trained_run, data_b, tmp_path / "out", NPROC=2, OMP_NUM_THREADS=1)
+    result = _script(env)
+    assert result.returncode == 0, result.stderr
+    assert "-m torch.distributed.run --standalone --nproc_per_node=2 -m ocec train" in result.stdout
+    assert (
+        "torchrun: 2 processes on cpu, global batch 32 (16 each)"
+        in (only_run(tmp_path / "out") / "train.log").read_text()
+    )
+    assert _script({**env, "NPROC": "two"}).returncode == 2
 
 
 def test_script_background_mode_writes_a_timestamped_log(tmp_path, trained_run, data_b):
