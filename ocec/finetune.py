@@ -21,7 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
 from .data import Split
 from .distributed import ONE_PROCESS, World
-from .inference import evaluate_split
+from .inference import eval_batch_size, evaluate_split
 from .model import OcecModel
 from .reporting import fmt
 from .sampling import to_float
@@ -61,14 +61,15 @@ def zero_shot_report(
     """Model A on B's val split before any step: as loaded, and after BatchNorm adaptation (which is kept
     only when `adapt`, else measured on a copy). The user sees the domain gap before spending a GPU-day."""
     report = {}
+    evaluate = dict(batch_size=eval_batch_size(batch_size, device), device=device, desc="zero-shot", world=world)
     if val is not None:
-        before, _ = evaluate_split(model, val, batch_size=batch_size, device=device, desc="zero-shot", world=world)
+        before, _ = evaluate_split(model, val, **evaluate)
         report["before"] = {k: before[k] for k in ("f1", "roc_auc", "loss")}
     target = model if adapt else copy.deepcopy(model)
     images = adapt_batchnorm(target, train, batch_size=batch_size, device=device, max_images=BN_ADAPT_IMAGES, seed=seed)
     report["bn_adapt_images"] = images
     if val is not None:
-        after, _ = evaluate_split(target, val, batch_size=batch_size, device=device, desc="zero-shot", world=world)
+        after, _ = evaluate_split(target, val, **evaluate)
         report["after_bn_adapt"] = {k: after[k] for k in ("f1", "roc_auc", "loss")}
         b, a = report["before"], report["after_bn_adapt"]
         log.info(

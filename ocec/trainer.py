@@ -34,7 +34,7 @@ from .epoch import EpochState
 from .errors import Interrupted, UserError
 from .finetune import adapt_batchnorm, hard_weights
 from .fileio import to_jsonable
-from .inference import evaluate_split
+from .inference import eval_batch_size, evaluate_split
 from .job import Job, build_job
 from .metrics import binary_report, is_defined
 from .optim import count_trainable_units, enter_epoch_stage, freeze_batchnorm_statistics, optimizer_step
@@ -213,7 +213,9 @@ def end_epoch(job: Job, epoch: int, state: EpochState, *, seconds: float, starte
             )
     metrics = {"train": {"loss": state.mean_loss(), **binary_report(labels.numpy(), torch.sigmoid(logits).numpy())}}
     val_probs = None
-    evaluate = dict(batch_size=cfg.batch_size, device=job.device, amp_dtype=job.amp_dtype, world=world)
+    evaluate = dict(
+        batch_size=eval_batch_size(cfg.batch_size, job.device), device=job.device, amp_dtype=job.amp_dtype, world=world
+    )
     if job.data.val is not None:
         metrics["val"], val_probs = evaluate_split(model, job.data.val, **evaluate)
     if job.data.extra_val is not None:
