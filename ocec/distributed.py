@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -59,7 +60,9 @@ def start(world: World, device_name: str) -> str:
             raise UserError(f"torchrun: LOCAL_RANK {world.local_rank} has no GPU ({torch.cuda.device_count()} present)")
         torch.cuda.set_device(world.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # The others wait while the main process decodes and caches the data (35 s for 400k rows on 2 cores;
+        # millions of rows on a slow shared filesystem can pass nccl's 10-minute default).
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
     return f"cuda:{world.local_rank}" if cuda else "cpu"
 
 
