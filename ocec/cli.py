@@ -50,6 +50,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text + f" (default: {default})"
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _threshold(text: str):
     """--threshold: 'auto' (the val-optimal threshold stored with the checkpoint) or a probability."""
     if text == "auto":
@@ -153,7 +163,7 @@ def _checkpoint_flag(p, help_text="checkpoint file(s), a glob or a run folder (t
 
 
 def _inference_flags(p, data: bool = True) -> None:
-    p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--batch_size", type=_positive_int, default=256, help="images per forward pass")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     if data:
         p.add_argument("--num_workers", type=int, default=0, help="processes that decode images (once; then cached)")

@@ -140,8 +140,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _data_options(args: argparse.Namespace) -> dict:
     """Keyword arguments shared by the commands that read a dataset and run a model over it."""
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be a positive integer, got {args.batch_size}")
     if not 0.0 <= args.max_bad_fraction <= 1.0:
         raise UserError(f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}")
     from .decode import cache_location
@@ -185,8 +183,6 @@ def run_predict(args: argparse.Namespace) -> int:
 
     if args.data_root:
         return _predict_dataset(args)
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be a positive integer, got {args.batch_size}")
     rows = predict_images(
         args.checkpoint,
         args.inputs,

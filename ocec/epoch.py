@@ -78,11 +78,16 @@ class EpochState:
     def mean_loss(self) -> float:
         return float(self.loss_sum) / max(1, int(self.kept))
 
+    def taken_samples(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pool indices, logits) of the samples of the steps taken so far (skipped steps left out)."""
+        n = self.seen
+        taken = self.taken[torch.arange(n, device=self.taken.device) // self.batch_size]
+        return self.order[:n][taken], self.logits[:n][taken]
+
     def outputs(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, labels) of the samples of the steps taken so far, on the CPU; `labels` of the pool."""
-        n = self.seen
-        taken = self.taken[torch.arange(n, device=self.taken.device) // self.batch_size].cpu()
-        return self.logits[:n].cpu()[taken], labels[self.order[:n]].cpu()[taken]
+        order, logits = self.taken_samples()
+        return logits.cpu(), labels[order.to(labels.device)].cpu()
 
     def to_dict(self) -> dict:
         loss_sum = self.loss_sum.cpu()

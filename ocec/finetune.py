@@ -114,11 +114,6 @@ class L2SP:
         return {name: start.cpu() for name, _, start in self.pairs}
 
 
-def describe_layer_decay(units: list[str], decay: float) -> str:
-    scales = [decay ** (len(units) - i) for i in range(len(units))]
-    return ", ".join(f"{u} x{s:.3g}" for u, s in zip(units, scales))
-
-
 def hard_weights(losses: torch.Tensor, cap: float = 10.0) -> torch.Tensor:
     """Sampling weights in proportion to each sample's last loss, bounded to [median / cap, median * cap]
     so a few mislabelled images cannot take over an epoch; samples never seen count as the median."""

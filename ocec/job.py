@@ -17,9 +17,9 @@ from .data import TrainingData, load_training_data
 from .distributed import ONE_PROCESS, World, average_buffers, main_first, sync_batchnorm
 from .distributed import start as join_processes
 from .errors import UserError
-from .finetune import L2SP, describe_layer_decay, weight_ema, zero_shot_report
+from .finetune import L2SP, weight_ema, zero_shot_report
 from .fileio import remove_stale_temporaries, write_json_atomic
-from .optim import Learner
+from .optim import Learner, describe_layer_decay
 from .reporting import Reporter, check_optional
 from .rundir import check_writable, next_run_dir, write_summary
 from .runtime import amp_dtype, keep_freed_memory, resolve_device

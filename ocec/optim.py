@@ -44,7 +44,7 @@ def build_optimizer(
     With `layer_decay` < 1 every backbone unit gets its own groups whose `lr_scale` is
     layer_decay^k, k counting units from the output side (the last block k=1, the stem k=units)."""
     units = model.backbone.unit_names()
-    scale_of = {f"backbone.{u}.": layer_decay ** (len(units) - i) for i, u in enumerate(units)}
+    scale_of = {f"backbone.{u}.": scale for u, scale in zip(units, layer_scales(units, layer_decay))}
     groups = []
     for group in GROUPS:
         params = [(n, p) for n, p in model.named_parameters() if parameter_group_of(n) == group]
@@ -74,6 +74,15 @@ def build_optimizer(
         return torch.optim.AdamW(groups, lr=group_lrs["head"], fused=True)
     except RuntimeError:  # a device without a fused kernel
         return torch.optim.AdamW(groups, lr=group_lrs["head"])
+
+
+def layer_scales(units: list[str], decay: float) -> list[float]:
+    """--layer_decay: each backbone unit's LR factor, decay^k with k counting from the output side."""
+    return [decay ** (len(units) - i) for i in range(len(units))]
+
+
+def describe_layer_decay(units: list[str], decay: float) -> str:
+    return ", ".join(f"{u} x{s:.3g}" for u, s in zip(units, layer_scales(units, decay)))
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, finite: torch.Tensor) -> None:

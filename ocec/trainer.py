@@ -256,10 +256,7 @@ def end_epoch(job: Job, epoch: int, state: EpochState, *, seconds: float, starte
 def remember_sample_losses(job: Job, state: EpochState) -> None:
     """--hard_mining: each train sample's loss this epoch (margin-free BCE of its logit), for the next
     epoch's draw. Mixed-in samples (pool index >= len(train)) are not mined."""
-    n = state.seen
-    taken = state.taken[torch.arange(n, device=state.taken.device) // state.batch_size]
-    order = state.order[:n][taken]
-    logits = state.logits[:n][taken]
+    order, logits = state.taken_samples()
     labels = job.pool.labels[order].to(logits.device).float()
     losses = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
     primary = order < len(job.sample_losses)

@@ -119,6 +119,11 @@ BAD_INPUTS = [
     ("invalid image size", lambda b: _train(b, "--data_root", b["data"], "--image_size", "32by64"), "--image_size"),
     ("zero batch size", lambda b: _train(b, "--data_root", b["data"], "--batch_size", 0), "--batch_size must be"),
     ("batch of one", lambda b: _train(b, "--data_root", b["data"], "--batch_size", 1), "BatchNorm needs two images"),
+    (
+        "zero batch size for eval",
+        lambda b: ["eval", "--checkpoint", b["tmp"], "--data_root", b["data"], "--batch_size", 0],
+        "--batch_size: must be a positive integer",
+    ),
     ("negative epochs", lambda b: _train(b, "--data_root", b["data"], "--epochs", -1), "--epochs must be a positive"),
     ("negative seed", lambda b: _train(b, "--data_root", b["nosplit"], "--seed", -1), "--seed must be >= 0"),
     (
