@@ -25,6 +25,15 @@ TINY_TRAIN = "--batch_size 32 --num_workers 0 --warmup_epochs 0 --device cpu --l
 TINY = TINY_MODEL + TINY_TRAIN
 
 
+def pytest_report_header(config):
+    """The machine's numerics, printed first: a failure on another CPU is read against these."""
+    return (
+        f"torch {torch.__version__} (git {torch.version.git_version[:10]}, cuda build {torch.version.cuda}), "
+        f"cpu capability {torch.backends.cpu.get_cpu_capability()}, oneDNN {torch.backends.mkldnn.is_available()}, "
+        f"threads {torch.get_num_threads()} (tests use {min(2, torch.get_num_threads())})"
+    )
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     """Never write to ~/.cache during tests."""

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TINY_TRAIN, config, only_run
-from ocec.pseudo import choose_confident
+from ocec.pseudo import choose_confident, predict_dataset
 from ocec.synth import write_synthetic
 
 
@@ -37,13 +37,23 @@ def test_pseudo_labels_round_trip_through_train(ocec, train, trained_run, data_a
     assert set(table.column("split").to_pylist()) == {"train"}
     assert all(s.startswith("pseudo:synth_a_subject") for s in table.column("source").to_pylist())
     confidence = np.array(table.column("confidence").to_pylist())
-    assert (confidence >= 0.9).all() and 10 < table.num_rows < 120
-    # most pseudo-labels are right (the labelling model has val F1 of about 0.9 on this style)
-    source = pq.read_table(unlabelled / "src" / "dataset.parquet")
-    true_label = dict(zip(source.column("image_bytes").to_pylist(), source.column("class_id").to_pylist()))
-    pairs = zip(table.column("image_bytes").to_pylist(), table.column("class_id").to_pylist())
-    accuracy = np.mean([true_label[image] == label for image, label in pairs])
-    assert accuracy > 0.8
+    assert (confidence >= 0.9).all() and table.num_rows > 0
+    # each pseudo-label is the labelling model's own prediction for that image (a mechanism, not a score:
+    # how many are right depends on the model, which float rounding on another CPU may change)
+    snap, rows, probs, _ = predict_dataset(
+        [str(trained_run)],
+        str(unlabelled / "rows.parquet"),
+        batch_size=64,
+        device="cpu",
+        num_workers=0,
+        cache_dir=None,
+        max_bad_fraction=0.0,
+    )
+    source = pq.read_table(unlabelled / "rows.parquet")
+    predicted = dict(zip(source.column("image_bytes").to_pylist(), (probs[np.argsort(rows)] >= 0.5).astype(int)))
+    pairs = list(zip(table.column("image_bytes").to_pylist(), table.column("class_id").to_pylist()))
+    assert all(predicted[image] == label for image, label in pairs)
+    assert table.num_rows == int((np.maximum(probs, 1 - probs) >= 0.9).sum())  # every confident row, no other
     run = train(
         data_a, tmp_path / "r", 1, *TINY_TRAIN, "--pretrain", trained_run, "--extra_train_root", tmp_path / "pl"
     )
