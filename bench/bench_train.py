@@ -53,7 +53,7 @@ class StopAfter:
 
 def run_steps(job, steps: int, position: tuple) -> tuple:
     """`steps` steps of the real training loop from (epoch, EpochState or None), across epochs."""
-    from ocec.trainer import continue_epoch, train_one_epoch
+    from ocec.training.trainer import continue_epoch, train_one_epoch
 
     epoch, state = position
     while steps > 0:
@@ -85,12 +85,12 @@ def phase_ocec(args) -> dict:
     """Start-up (cold or warm, by the cache's state) to the first step, then steps/s of the real loop."""
     import torch
 
-    from ocec.data import load_training_data
-    from ocec.optim import Learner
-    from ocec.runtime import amp_dtype, keep_freed_memory, resolve_device
-    from ocec.sampling import TrainingPool, steps_per_epoch
-    from ocec.start import plan_start
-    from ocec.job import Job
+    from ocec.data.dataset import load_training_data
+    from ocec.data.sampling import TrainingPool, steps_per_epoch
+    from ocec.engine.optim import Learner
+    from ocec.engine.runtime import amp_dtype, keep_freed_memory, resolve_device
+    from ocec.training.job import Job
+    from ocec.training.start import plan_start
 
     tic = time.perf_counter()
     start = plan_start(_settings(args, args.cache))
@@ -135,9 +135,9 @@ def phase_conventional(args) -> dict:
     from PIL import Image
     from torchvision import transforms
 
-    from ocec.config import ModelConfig
-    from ocec.model import build_model
-    from ocec.parquet import find_parquet_files
+    from ocec.core.config import ModelConfig
+    from ocec.data.parquet import find_parquet_files
+    from ocec.models.model import build_model
 
     class PerSampleDataset(torch.utils.data.Dataset):
         def __init__(self, files):
@@ -168,7 +168,7 @@ def phase_conventional(args) -> dict:
 
     device = torch.device(_device(args.device))
     if args.tuned_step and device.type == "cpu":
-        from ocec.runtime import keep_freed_memory
+        from ocec.engine.runtime import keep_freed_memory
 
         keep_freed_memory()
     dataset = PerSampleDataset(find_parquet_files(args.data))
@@ -201,10 +201,10 @@ def phase_compute(args) -> dict:
     """The compute limit: one batch resident on the device, forward + backward + fused AdamW."""
     import torch
 
-    from ocec.config import ModelConfig
-    from ocec.model import build_model
-    from ocec.optim import build_optimizer
-    from ocec.runtime import keep_freed_memory
+    from ocec.core.config import ModelConfig
+    from ocec.engine.optim import build_optimizer
+    from ocec.engine.runtime import keep_freed_memory
+    from ocec.models.model import build_model
 
     device = torch.device(_device(args.device))
     if device.type == "cpu":
@@ -331,7 +331,7 @@ def main() -> None:
     warm = child("ocec", args, batch_size=sizes[0], steps=0)
     import pyarrow.parquet as pq
 
-    from ocec.parquet import find_parquet_files
+    from ocec.data.parquet import find_parquet_files
 
     rows = sum(pq.read_metadata(f).num_rows for f in find_parquet_files(args.data))
     decoded_gb = rows * 3 * SIZE[0] * SIZE[1] / 2**30

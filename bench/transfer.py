@@ -29,10 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ocec.settings import FINETUNE_DEFAULTS  # noqa: E402
-from ocec.pseudo import pseudo_label  # noqa: E402
-from ocec.synth import write_synthetic  # noqa: E402
-from ocec.trainer import train  # noqa: E402
+from ocec.data.synth import write_synthetic  # noqa: E402
+from ocec.finetune.pseudo import pseudo_label  # noqa: E402
+from ocec.training.settings import FINETUNE_DEFAULTS  # noqa: E402
+from ocec.training.trainer import train  # noqa: E402
 
 # name -> the flags on top of `--pretrain A --epochs E` (None: from scratch). "default" is exactly what
 # `--pretrain` alone gives (FINETUNE_DEFAULTS); the others change one thing each.

@@ -10,15 +10,16 @@ prints one line on stderr and returns 2; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
 from dataclasses import asdict
 
 from . import commands
-from .config import DEVICE_HELP, ModelConfig, TrainConfig
-from .errors import Interrupted, PeerFailed, UserError
-from .train_flags import add_train_flags
+from .core.config import DEVICE_HELP, ModelConfig, TrainConfig
+from .core.errors import Interrupted, PeerFailed, UserError
+from .training.flags import add_train_flags
 
 log = logging.getLogger("ocec")
 TRAIN_DEFAULTS = {**asdict(ModelConfig()), **asdict(TrainConfig())}
@@ -26,10 +27,28 @@ SPLITS = ("train", "val", "test", "all")
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage block) and exit code 2."""
+    """argparse with a one-line error (no usage block) and exit code 2, and no prefix matching: with flags
+    as close as --warmup_epochs and --stage_warmup_epochs, `--epoch 2` must not silently mean `--epochs 2`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def unknown_flag_error(parser: Parser, command: str, extra: list[str]) -> str:
+    """'unrecognized arguments' with the closest flag of the command: a typo gets its likely meaning."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    known = [s for a in sub._actions for s in a.option_strings if s.startswith("--")]
+    for word in extra:
+        name = word.split("=", 1)[0]
+        if name.startswith("--"):
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f"; see ocec {command} --help"
+            return f"ocec {command}: error: unrecognized argument {name}{hint}"
+    return f"ocec {command}: error: unrecognized arguments: {' '.join(extra)}"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -286,10 +305,14 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
     except SystemExit as exc:  # argparse already printed its one line (or --help)
         return int(exc.code or 0)
+    if extra:
+        print(unknown_flag_error(parser, args.command, extra), file=sys.stderr)
+        return 2
     setup_logging()
     try:
         return int(args.handler(args) or 0)

@@ -10,13 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .core.errors import UserError
 
 NOT_SETTINGS = {"command", "handler", "debug"}
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .trainer import train
+    from .training.trainer import train
 
     train(**{k: v for k, v in vars(args).items() if k not in NOT_SETTINGS})
     return 0
@@ -41,8 +41,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     import shlex
     import subprocess
 
-    from .settings import settings_to_flags
-    from .sweep import format_leaderboard, require_optuna, run_sweep as sweep
+    from .tools.sweep import format_leaderboard, require_optuna
+    from .tools.sweep import run_sweep as sweep
+    from .training.settings import settings_to_flags
 
     require_optuna()
     given = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS and k not in SWEEP_ONLY}
@@ -100,7 +101,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from .synth import write_synthetic
+    from .data.synth import write_synthetic
 
     if args.shards < 1:
         raise UserError(f"--shards must be >= 1, got {args.shards}")
@@ -121,7 +122,7 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo as demo
+    from .tools.demo import run_demo as demo
 
     for flag in ("rows_a", "rows_b", "epochs_a", "epochs_b"):
         if getattr(args, flag) < 1:
@@ -142,7 +143,7 @@ def _data_options(args: argparse.Namespace) -> dict:
     """Keyword arguments shared by the commands that read a dataset and run a model over it."""
     if not 0.0 <= args.max_bad_fraction <= 1.0:
         raise UserError(f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}")
-    from .decode import cache_location
+    from .data.decode import cache_location
 
     return dict(
         batch_size=args.batch_size,
@@ -154,8 +155,8 @@ def _data_options(args: argparse.Namespace) -> dict:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_checkpoint, format_eval
-    from .fileio import write_json_atomic
+    from .core.fileio import write_json_atomic
+    from .tools.evaluate import evaluate_checkpoint, format_eval
 
     result = evaluate_checkpoint(
         args.checkpoint, args.data_root, split=args.split, threshold=args.threshold, **_data_options(args)
@@ -168,8 +169,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from .evaluate import compare_runs, format_compare
-    from .fileio import write_json_atomic
+    from .core.fileio import write_json_atomic
+    from .tools.evaluate import compare_runs, format_compare
 
     records = compare_runs(args.runs, data_root=args.data_root, split=args.split, plot=args.plot, **_data_options(args))
     print(format_compare(records, bool(args.data_root)))
@@ -179,45 +180,22 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from .evaluate import predict_images
+    from .tools.predict import predict_images, predict_parquet, write_predictions
 
     if args.data_root:
-        return _predict_dataset(args)
-    rows = predict_images(
-        args.checkpoint,
-        args.inputs,
-        output=args.output,
-        threshold=args.threshold,
-        batch_size=args.batch_size,
-        device=args.device,
-    )
-    if args.output:
-        print(f"{len(rows)} prediction(s) -> {args.output}")
+        table = predict_parquet(args.checkpoint, args.data_root, threshold=args.threshold, **_data_options(args))
     else:
-        for r in rows:
-            print(f"{r['path']},{r['prob_open']:.6f},{r['label']}")
-    return 0
-
-
-def _predict_dataset(args: argparse.Namespace) -> int:
-    import pyarrow.csv
-
-    from .fileio import atomic_write
-    from .pretrained import resolve_threshold
-    from .pseudo import predict_dataset, prediction_table
-
-    snap, rows, probs, sources = predict_dataset(args.checkpoint, args.data_root, **_data_options(args))
-    table = prediction_table(args.data_root, rows, probs, sources, resolve_threshold(args.threshold, snap))
+        table = predict_images(
+            args.checkpoint, args.inputs, threshold=args.threshold, batch_size=args.batch_size, device=args.device
+        )
+    write_predictions(table, args.output)
     if args.output:
-        atomic_write(args.output, lambda f: pyarrow.csv.write_csv(table, f))
         print(f"{table.num_rows} prediction(s) -> {args.output}")
-    else:
-        pyarrow.csv.write_csv(table, sys.stdout.buffer)
     return 0
 
 
 def run_pseudo_label(args: argparse.Namespace) -> int:
-    from .pseudo import pseudo_label
+    from .finetune.pseudo import pseudo_label
 
     report = pseudo_label(
         args.checkpoint, args.data_root, args.out, threshold=args.threshold, balance=args.balance, **_data_options(args)
@@ -231,21 +209,16 @@ def run_pseudo_label(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    import torch
+    from .api import export
 
-    from .export import export_onnx, export_safetensors
-    from .pretrained import load_for_inference, resolve_threshold
-
-    model, snap, _ = load_for_inference(args.checkpoint, torch.device("cpu"))
+    report = export(args.checkpoint, args.output, format=args.format, opset=args.opset, threshold=args.threshold)
     if args.format == "safetensors":
-        report = export_safetensors(snap, args.output)
         print(
             f"wrote {report['output']} ({report['tensors']} tensors + model config); "
             f"fine-tune from it with --pretrain {report['output']}"
         )
         return 0
-    report = export_onnx(model, args.output, opset=args.opset, threshold=resolve_threshold(args.threshold, snap))
-    h, w = snap.model_config.image_size
+    h, w = report["image_size"]
     print(
         f"wrote {report['output']} (opset {report['opset']}, {report['folded_batchnorm']} Conv+BatchNorm folded; "
         f"input images [N,3,{h},{w}] RGB 0..1, outputs prob_open [N], logit [N] and is_open [N] "

@@ -103,12 +103,34 @@ if [[ -z "$PRETRAIN_MODEL" && -z "$DATA_ROOT_B" ]]; then
 fi
 [[ -n "$PRETRAIN_MODEL" ]] || die "PRETRAIN_MODEL is not set (a checkpoint, run folder or quoted glob)"
 [[ -n "$DATA_ROOT_B" ]] || die "DATA_ROOT_B is not set (a parquet file or folder)"
-[[ -e "$DATA_ROOT_B" || "$DRY_RUN" == 1 ]] || die "DATA_ROOT_B=$DATA_ROOT_B: no such file or folder"
 
+# An extra flag overrides its variable (ocec keeps the last value given), so the banner shows what runs.
+declare -A FLAG_VARIABLE=(
+    [--epochs]=EPOCHS [--batch_size]=BATCH_SIZE [--lr]=LR [--backbone_lr]=BACKBONE_LR [--head_lr]=HEAD_LR
+    [--margin_lr]=MARGIN_LR [--warmup_epochs]=WARMUP_EPOCHS [--recipe]=RECIPE [--ema_decay]=EMA_DECAY
+    [--extra_train_root]=EXTRA_TRAIN_ROOT [--plateau_factor]=PLATEAU_FACTOR [--plateau_patience]=PLATEAU_PATIENCE
+    [--weight_decay]=WEIGHT_DECAY [--dropout]=DROPOUT [--margin_method]=MARGIN_METHOD [--stages]=STAGES
+    [--mix_data_root]=MIX_DATA_ROOT [--mix_ratio]=MIX_RATIO [--extra_val_root]=EXTRA_VAL_ROOT
+    [--num_workers]=NUM_WORKERS [--device]=DEVICE [--seed]=SEED [--output_dir]=OUTPUT_DIR [--data_root]=DATA_ROOT_B
+)
+for ((i = 0; i < ${#passthrough[@]}; i++)); do
+    flag="${passthrough[i]}"
+    if [[ "$flag" == --*=* ]]; then value="${flag#*=}"; flag="${flag%%=*}"; else value="${passthrough[i + 1]:-}"; fi
+    case "$flag" in
+        --no_bn_adapt) BN_ADAPT=0 ;;
+        --bn_adapt) BN_ADAPT=1 ;;
+        --use_amp) USE_AMP=1 ;;
+        *) [[ -n "${FLAG_VARIABLE[$flag]:-}" ]] && printf -v "${FLAG_VARIABLE[$flag]}" '%s' "$value" ;;
+    esac
+done
+
+# What the run checks first, a dry run checks too; only the demo's model A may be missing (it trains first).
+demo_dry_run=0
+[[ "$DRY_RUN" == 1 && "$PRETRAIN_MODEL" == "$DEMO_DIR/model_a/v*/ocec_best_epoch*.pt" ]] && demo_dry_run=1
+[[ -e "$DATA_ROOT_B" || "$demo_dry_run" == 1 ]] || die "DATA_ROOT_B=$DATA_ROOT_B: no such file or folder"
 mapfile -t checkpoints < <(resolve_checkpoint "$PRETRAIN_MODEL")
 if ((${#checkpoints[@]} == 0)); then
-    # a dry run of the demo shows the pattern: model A does not exist before the demo trains it
-    [[ "$DRY_RUN" == 1 ]] || die "PRETRAIN_MODEL=$PRETRAIN_MODEL: no such file, folder or matching checkpoint"
+    [[ "$demo_dry_run" == 1 ]] || die "PRETRAIN_MODEL=$PRETRAIN_MODEL: no such file, folder or matching checkpoint"
     checkpoints=("$PRETRAIN_MODEL")
 fi
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny synthetic parquet datasets made by `ocec.synth`, a tiny trained run, and
+"""Shared fixtures: tiny synthetic parquet datasets made by `ocec.data.synth`, a tiny trained run, and
 helpers that drive the real CLI (in-process for speed, as a subprocess where signals matter)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ocec.cli import main
-from ocec.synth import write_synthetic
+from ocec.data.synth import write_synthetic
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # Small enough that a 2-epoch run takes about a second on 2 CPU cores. The model flags are separate

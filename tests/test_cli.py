@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import FIXTURES, TINY, checkpoint, run_subprocess, synth_folder
+
 from ocec.cli import build_parser
 
 
@@ -50,7 +50,7 @@ def bad(tmp_path_factory, trained_run):
     tmp = tmp_path_factory.mktemp("bad")
     data = synth_folder(tmp_path_factory, "bad_data", 120, seed=5, style="a")
     nosplit = tmp_path_factory.mktemp("nosplit")
-    from ocec.synth import write_synthetic
+    from ocec.data.synth import write_synthetic
 
     write_synthetic(nosplit, 120, seed=5, style="a", with_split=False)
     src = data / "dataset.parquet"
@@ -275,3 +275,24 @@ def test_bad_input_gives_one_line_and_exit_code_2(ocec, bad, build, expected):
     assert expected in lines[0], lines[0]
     assert "Traceback" not in result.err + result.out
     assert not (bad["tmp"] / "out").exists()  # a failed run leaves no new output folder behind
+
+
+def test_no_flag_is_taken_from_a_prefix_and_a_typo_gets_the_closest_flag(ocec):
+    """argparse's prefix matching is off for every command: `--epoch 2` is not `--epochs 2`."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in commands.items():
+        flags = {s for a in sub._actions for s in a.option_strings if s.startswith("--")}
+        longest = max(flags - {"--help", "--debug"}, key=len)
+        prefix = longest[:-1]
+        assert prefix not in flags
+        required = [a for a in sub._actions if a.required]
+        required += [g._group_actions[0] for g in sub._mutually_exclusive_groups if g.required]
+        needed = [w for a in required for w in (a.option_strings[:1] or []) + ["x"]]
+        _, extra = parser.parse_known_args([name, *needed, prefix, "1"])
+        assert extra[:1] == [prefix], name
+    result = ocec("train", "--data_root", "d", "--epoch", 2)
+    assert result.code == 2
+    assert result.err.strip() == "ocec train: error: unrecognized argument --epoch; did you mean --epochs?"
+    result = ocec("eval", "--checkpoint", "c", "--data_root", "d", "--json_out", "x")
+    assert result.code == 2 and "did you mean --json?" in result.err

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import only_run
+
 from ocec.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,10 +22,10 @@ DOCS = [ROOT / "README.md", ROOT / "docs" / "finetune.md", ROOT / "docs" / "fine
 SCRIPT = ROOT / "scripts" / "train_finetune.sh"
 
 
-def _commands(path: Path) -> list[str]:
-    """Lines of the ```bash blocks, continuation lines joined."""
+def _commands(doc: Path | str) -> list[str]:
+    """Lines of the ```bash blocks (of a file, or of a piece of one), continuation lines joined."""
     commands, block = [], None
-    for line in path.read_text().splitlines():
+    for line in (doc.read_text() if isinstance(doc, Path) else doc).splitlines():
         if line.startswith("```"):
             if block is not None:
                 commands.extend(c.strip() for c in "\n".join(block).replace("\\\n", " ").splitlines() if c.strip())
@@ -53,6 +53,51 @@ def test_every_ocec_command_in_the_docs_parses(doc):
                 except SystemExit:
                     pytest.fail(f"{doc.name}: {part.strip()!r} does not parse")
     assert found >= 3, f"{doc.name}: expected ocec commands"
+
+
+def _extras_needed(tokens: list[str]) -> set[str]:
+    """The optional extras an ocec command line uses (the same checks the commands make)."""
+    command, needed = tokens[0], set()
+    if command == "compare" and "--plot" in tokens or "--save_diagnostics" in tokens:
+        needed.add("plot")
+    if command in ("export", "exportonnx"):
+        needed.add("safetensors" if "safetensors" in tokens else "onnx")
+    if command == "sweep":
+        needed.add("sweep")
+    if "--tensorboard" in tokens:
+        needed.add("tensorboard")
+    return needed
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_command_that_needs_an_extra_has_it_installed_or_stated_in_its_section(doc):
+    """A reader who runs a section's commands after the README's install meets no missing-extra error the
+    section did not mention (`pip install -e '.[plot,onnx]'` in the block, or the extra named in the text)."""
+    for section in re.split(r"\n## ", doc.read_text()):
+        stated = {e.strip() for group in re.findall(r"(?:\.|ocec)\[([a-z,]+)\]", section) for e in group.split(",")}
+        for command in _commands(section):
+            tokens = shlex.split(command.split("&&")[-1])
+            if "ocec" in tokens and tokens[tokens.index("ocec") - 1] == "-m":
+                missing = _extras_needed(tokens[tokens.index("ocec") + 1 :]) - stated
+                assert not missing, f"{doc.name}: {command!r} needs the extra(s) {missing}, not stated in its section"
+
+
+def test_the_readme_verify_block_runs_as_written(tmp_path, trained_run, data_b):
+    """The block runs top to bottom, on tiny data and one epoch instead of /data/eyes_b and 150."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Verify the fine-tune") :].split("\n## ")[0]
+    lines = _commands(section)
+    assert lines[0] == "pip install -e '.[plot,onnx]'"
+    import importlib.util
+
+    assert all(importlib.util.find_spec(m) for m in ("matplotlib", "onnx", "onnxruntime"))  # what it installs
+    script = "\n".join(["set -euo pipefail", *lines[1:]])
+    script = script.replace("/data/eyes_b", str(data_b)).replace("runs/ocec_hq/v8", str(trained_run))
+    script = script.replace("--epochs 150", "--epochs 1 --num_workers 0").replace("python ", f"{sys.executable} ")
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "compare.png").stat().st_size > 0 and json.loads((tmp_path / "eval_b.json").read_text())
+    assert "onnxruntime vs PyTorch" in result.stdout and (tmp_path / "ocec_b.onnx").exists()
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
@@ -96,6 +141,26 @@ def test_script_glob_resolves_to_the_best_f1_not_the_newest(tmp_path, data_b):
 def test_script_reports_a_missing_checkpoint(tmp_path, data_b):
     result = _script({"PRETRAIN_MODEL": f"{tmp_path}/nothing_*.pt", "DATA_ROOT_B": data_b})
     assert result.returncode == 2 and "no such file, folder or matching checkpoint" in result.stderr
+
+
+def test_script_banner_shows_the_values_that_will_run(tmp_path, trained_run, data_b):
+    """Extra flags win over the script's variables (ocec keeps the last value): the banner says so too."""
+    env = {"PRETRAIN_MODEL": trained_run, "DATA_ROOT_B": data_b, "DRY_RUN": 1}
+    result = _script(env, "--epochs", 2, "--lr=5e-4", "--no_bn_adapt", "--stages", "1:0:1e-3")
+    assert result.returncode == 0, result.stderr
+    assert "epochs          : 2 (warmup" in result.stdout and "lr 5e-4," in result.stdout
+    assert "BatchNorm adaptation off" in result.stdout and "stages          : 1:0:1e-3" in result.stdout
+
+
+def test_a_dry_run_checks_what_the_run_checks(tmp_path, data_b):
+    """A PRETRAIN_MODEL glob that matches nothing, or a missing DATA_ROOT_B, fail the dry run as they would the run."""
+    result = _script({"PRETRAIN_MODEL": f"{tmp_path}/nothing_*.pt", "DATA_ROOT_B": data_b, "DRY_RUN": 1})
+    assert result.returncode == 2 and "no such file, folder or matching checkpoint" in result.stderr
+    assert "command" not in result.stdout
+    result = _script({"PRETRAIN_MODEL": tmp_path, "DATA_ROOT_B": tmp_path / "missing", "DRY_RUN": 1})
+    assert result.returncode == 2 and "DATA_ROOT_B=" in result.stderr
+    demo = _script({"DRY_RUN": 1, "DEMO_DIR": tmp_path / "demo"})  # the demo's model A is trained by the run itself
+    assert demo.returncode == 0 and "ocec_best_epoch*.pt" in demo.stdout
 
 
 def _tiny_finetune(trained_run, data_b, out, **settings) -> dict:

@@ -1,0 +1,47 @@
+"""Batched, device-side augmentation."""
+
+from __future__ import annotations
+
+import torch
+
+from ocec.data.augment import LEVELS, augment_batch
+
+
+def test_augmentation_keeps_shape_dtype_and_range():
+    x = torch.rand(16, 3, 16, 32)
+    for level in ("light", "default"):
+        out = augment_batch(x.clone(), level, torch.Generator().manual_seed(0))
+        assert out.shape == x.shape and out.dtype == x.dtype
+        assert float(out.min()) >= 0 and float(out.max()) <= 1
+    assert augment_batch(x, "none", torch.Generator()) is x
+    assert LEVELS == ("none", "light", "default")
+
+
+def test_augmentation_differs_per_sample_and_follows_the_seed():
+    image = torch.rand(1, 3, 16, 32)
+    batch = image.repeat(8, 1, 1, 1)
+    out = augment_batch(batch.clone(), "default", torch.Generator().manual_seed(0))
+    distinct = {tuple(out[i].flatten()[:64].tolist()) for i in range(8)}
+    assert len(distinct) == 8  # identical inputs, 8 different augmentations
+    again = augment_batch(batch.clone(), "default", torch.Generator().manual_seed(0))
+    other = augment_batch(batch.clone(), "default", torch.Generator().manual_seed(1))
+    assert torch.equal(out, again) and not torch.equal(out, other)
+
+
+def test_augmentation_flips_about_half_of_a_batch():
+    # an image that is dark on the left, bright on the right; only a flip reverses that
+    x = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(256, 3, 16, 32).contiguous()
+    out = augment_batch(x, "light", torch.Generator().manual_seed(3))
+    flipped = (out[..., :4].mean((1, 2, 3)) > out[..., -4:].mean((1, 2, 3))).float().mean()
+    assert 0.35 < float(flipped) < 0.65
+
+
+def test_light_changes_colour_only_and_default_also_moves_pixels():
+    x = torch.zeros(64, 3, 16, 32)
+    x[:, :, 6:10, 14:18] = 1.0  # a bright square in the middle
+    light = augment_batch(x.clone(), "light", torch.Generator().manual_seed(0))
+    default = augment_batch(x.clone(), "default", torch.Generator().manual_seed(0))
+    # colour changes are per-image affine maps of intensity: the black top rows stay uniform ...
+    assert float(light[:, :, :4].std(dim=(2, 3)).max()) < 1e-6
+    # ... while zoom, shift, blur and noise move pixels there
+    assert float(default[:, :, :4].std(dim=(2, 3)).max()) > 1e-3
