@@ -69,17 +69,17 @@ def measure(data_root: Path, out: Path, seed: int, args) -> list[dict]:
             started = time.perf_counter()
             if size:
                 cpu = torch.device("cpu")
-                adapt_batchnorm(model, data.train, batch_size=args.batch_size, device=cpu, max_images=size, seed=seed)
+                adapt_batchnorm(model, data.get("train"), batch_size=args.batch_size, device=cpu, max_images=size, seed=seed)
             seconds = time.perf_counter() - started
             model.eval()
-            report, _ = evaluate_split(model, data.val, batch_size=512, device=torch.device("cpu"))
+            report, _ = evaluate_split(model, data.get("val"), batch_size=512, device=torch.device("cpu"))
             rows.append(
                 {
                     "data": data_root.name,
                     "seed": seed,
                     "epoch": epoch,
                     "requested": size,
-                    "images": min(size, len(data.train)),
+                    "images": min(size, len(data.get("train"))),
                     "f1": report["f1"],
                     "best_f1": report["best_f1"],
                     "auc": report["roc_auc"],

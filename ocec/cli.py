@@ -248,10 +248,17 @@ def _add_pseudo_label(sub) -> None:
     p.add_argument("--data_root", required=True, help="a parquet file or folder (label columns are not needed)")
     p.add_argument("--out", required=True, help="output folder (dataset.parquet)")
     p.add_argument(
-        "--threshold",
+        "--min_confidence",
         type=_threshold,
         default="auto",
         help="keep predictions whose class has at least this probability; auto: 0.9 (measured, docs/finetune.md)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=_threshold,
+        default="auto",
+        help="the decision threshold that assigns each label, as in eval and predict; auto: the one stored with "
+        "the checkpoint (0.5 if it has none)",
     )
     p.add_argument("--balance", action="store_true", help="keep as many rows of each class")
     _inference_flags(p)

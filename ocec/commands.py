@@ -73,7 +73,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         seed=given.get("seed", 42),
         heartbeat=args.heartbeat,
         plot=args.plot,
-        fixed_names=set(given),
+        fixed_settings=given,
     )
     print(format_leaderboard(result))
     print(f"leaderboard: {Path(output_dir) / 'leaderboard.csv'} and .json")
@@ -198,12 +198,21 @@ def run_pseudo_label(args: argparse.Namespace) -> int:
     from .finetune.pseudo import pseudo_label
 
     report = pseudo_label(
-        args.checkpoint, args.data_root, args.out, threshold=args.threshold, balance=args.balance, **_data_options(args)
+        args.checkpoint,
+        args.data_root,
+        args.out,
+        min_confidence=args.min_confidence,
+        threshold=args.threshold,
+        balance=args.balance,
+        **_data_options(args),
     )
     print(
-        f"kept {report['kept']} of {report['rows']} rows (open {report['open']}, closed {report['closed']}; "
+        f"kept {report['kept']} of {report['rows']} rows (open {report['open']}, closed {report['closed']} at "
+        f"threshold {report['threshold']:.3g}; "
         f"confidence >= {report['min_confidence']:.3f}, mean {report['mean_confidence']:.3f}) -> {report['output']}"
     )
+    if report["held_out"]:
+        print(f"left out {report['held_out']} row(s) of the data's val/test split: they judge models, never train them")
     print(f"train on them with: --extra_train_root {Path(report['output']).parent}")
     return 0
 

@@ -88,7 +88,7 @@ def only_run(output_dir: Path) -> Path:
     return runs[0]
 
 
-def history(run_dir: Path, drop=("seconds", "wall_seconds", "images_per_s")) -> list[dict]:
+def history(run_dir: Path, drop=("seconds", "wall_seconds", "images_per_s", "precise_bn_seconds")) -> list[dict]:
     """A run's history without its timings (which differ between identical runs)."""
     rows = json.loads((Path(run_dir) / "history.json").read_text())
     return [{k: v for k, v in r.items() if k not in drop} for r in rows]

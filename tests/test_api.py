@@ -9,12 +9,14 @@ import pytest
 import torch
 
 import ocec as api
-from conftest import summary
+from conftest import config, only_run, summary
 
 
 def test_train_evaluate_predict_export_from_python(ocec, data_a, tmp_path):
     run = ocec_api_train(data_a, tmp_path / "runs")
-    assert (run / "summary.json").exists() and run.parent == tmp_path / "runs"
+    assert run == only_run(tmp_path / "runs") and config(run)["model"]["base_channels"] == 8
+    with pytest.raises(TypeError, match="unknown training setting"):
+        api.train(data_root=str(data_a), epoch=1)  # a misspelt setting is an error, as a misspelt flag
     report = api.evaluate(run, data_a, device="cpu", cache_dir=False)
     cli = tmp_path / "eval.json"
     assert ocec("eval", "--checkpoint", run, "--data_root", data_a, "--device", "cpu", "--json", cli).code == 0

@@ -16,6 +16,7 @@ from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
     confusion_matrix,
+    f1_score,
     precision_recall_curve,
     precision_recall_fscore_support,
     roc_auc_score,
@@ -65,17 +66,29 @@ def full_report(labels, probs, threshold: float = 0.5) -> dict:
     return report
 
 
+MIN_THRESHOLD_GAIN = 0.005  # F1 a threshold must gain over 0.5 to replace it
+
+
 def best_threshold(labels, probs) -> tuple[float, float]:
-    """The probability threshold that maximises F1 (NaN, NaN without positives)."""
+    """The probability threshold that maximises F1, and that F1 (NaN, NaN without positives), chosen so that
+    it does not jump between epochs for nothing: 0.5 unless another threshold gains at least
+    MIN_THRESHOLD_GAIN of F1, and otherwise the midpoint between the lowest score called open and the
+    highest called closed (the same decisions on val, but not sitting on one image's score)."""
     labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
     if labels.sum() == 0:
         return NAN, NAN
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        precision, recall, thresholds = precision_recall_curve(labels, np.asarray(probs, dtype=np.float64))
+        precision, recall, thresholds = precision_recall_curve(labels, probs)
+        at_half = float(f1_score(labels, probs >= 0.5, zero_division=0.0))
     f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)[:-1]
     best = int(np.argmax(f1))
-    return float(thresholds[best]), float(f1[best])
+    if f1[best] - at_half < MIN_THRESHOLD_GAIN:
+        return 0.5, at_half
+    cut = thresholds[best]
+    below = probs[probs < cut]
+    return float((cut + below.max()) / 2 if len(below) else cut / 2), float(f1[best])
 
 
 def fisher_ratio(embeddings: torch.Tensor, labels: torch.Tensor) -> float:

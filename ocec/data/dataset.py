@@ -7,6 +7,8 @@ costs nothing while training, and mixing two datasets concatenates no images.
 
 from __future__ import annotations
 
+import hashlib
+
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,4 +220,24 @@ def load_training_data(cfg: TrainConfig, image_size: tuple[int, int]) -> Trainin
     added = split_of(cfg.extra_train_root, "--extra_train_root", "train") if cfg.extra_train_root else None
     if cfg.extra_train_root and added is None:
         raise UserError(f"--extra_train_root {cfg.extra_train_root}: its train split is empty")
+    if added is not None:
+        refuse_overlap(added, [s for s in (data.get("val"), data.get("test")) if s is not None], cfg)
     return TrainingData(train, data.get("val"), mix, extra, added)
+
+
+def image_hashes(split: Split) -> list[bytes]:
+    """One digest of the decoded pixels per row: equal images are equal whether they came as bytes or paths."""
+    return [hashlib.blake2b(split.images[int(r)].numpy().tobytes(), digest_size=16).digest() for r in split.rows]
+
+
+def refuse_overlap(extra_train: Split, held_out: list[Split], cfg: TrainConfig) -> None:
+    """Extra training rows must not be images of the val/test split: the best checkpoint would be chosen on
+    images the model trained on (e.g. pseudo-labels made from the whole labelled dataset)."""
+    judged = {h for split in held_out for h in image_hashes(split)}
+    hits = [i for i, h in enumerate(image_hashes(extra_train)) if h in judged]
+    if hits:
+        raise UserError(
+            f"--extra_train_root {cfg.extra_train_root}: {len(hits)} of its {len(extra_train)} train images are "
+            f"also in the val/test split of --data_root {cfg.data_root} (first: its train row {hits[0]}); remove "
+            "them, or pseudo-label data that holds no val/test images"
+        )

@@ -15,26 +15,55 @@ BN_ADAPT_IMAGES = 20_000  # statistics of 20k images are as good as of all of th
 
 
 def adapt_batchnorm(
-    model: OcecModel, split: Split, *, batch_size: int, device: torch.device, max_images: int, seed: int
+    model: OcecModel,
+    split: Split,
+    *,
+    batch_size: int,
+    device: torch.device,
+    max_images: int,
+    seed: int,
+    keep: frozenset[str] = frozenset(),
 ) -> int:
     """Re-estimate every BatchNorm's running statistics on up to `max_images` images of `split` (a seeded
-    subset), without augmentation or gradients. Weights do not change. Returns the number of images."""
+    subset), without augmentation or gradients. Weights do not change; the BatchNorm modules named in `keep`
+    (frozen ones: frozen means frozen) keep their statistics. Returns the number of images.
+
+    The images go in batches of equal size (at most `batch_size`, sizes differing by one): a last batch of
+    one image would stop BatchNorm1d ("expected more than 1 value per channel"), and update_bn's cumulative
+    average weighs every batch alike, so equal batches weigh every image alike. One image: nothing to do."""
     count = min(len(split), max_images)
+    if count < 2:
+        return 0
     positions = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:count].sort().values
-    batches = (
-        to_float(split.take(positions[start : start + batch_size]), device) for start in range(0, count, batch_size)
-    )
+    chunks = torch.tensor_split(positions, -(-count // batch_size))
+    batches = (to_float(split.take(chunk), device) for chunk in chunks)
     was_training = model.training
+    kept = {name: {k: v.clone() for k, v in model.get_submodule(name).state_dict().items()} for name in keep}
+    steps = {
+        m: m.num_batches_tracked.clone() for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
     update_bn(batches, model)
+    for module, step in steps.items():  # update_bn restarts the step counters; they keep counting training steps
+        module.num_batches_tracked.copy_(step)
+    for name, state in kept.items():
+        model.get_submodule(name).load_state_dict(state)
     model.train(was_training)
     return count
+
+
+def frozen_batchnorm(model: nn.Module) -> frozenset[str]:
+    """Names of the BatchNorm modules whose parameters are all frozen (their statistics stay as they are)."""
+    return frozenset(
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and (params := list(module.parameters()))
+        and not any(p.requires_grad for p in params)
+    )
 
 
 def freeze_batchnorm_statistics(model: nn.Module) -> None:
     """Put BatchNorm layers whose parameters are all frozen in eval mode: their running statistics
     stop updating too. Call after every `model.train()`."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            params = list(module.parameters())
-            if params and not any(p.requires_grad for p in params):
-                module.eval()
+    for name in frozen_batchnorm(model):
+        model.get_submodule(name).eval()

@@ -20,10 +20,10 @@ import torch
 from ..core.errors import UserError
 from ..core.fileio import TMP_PREFIX
 from ..data.dataset import load_dataset
-from ..data.parquet import find_parquet_files
+from ..data.parquet import SPLITS, find_parquet_files, read_rows
 from ..engine.inference import predict_split, require_finite
 from ..engine.runtime import resolve_device
-from .pretrained import Snapshot, load_for_inference
+from .pretrained import Snapshot, load_for_inference, resolve_threshold
 
 log = logging.getLogger("ocec")
 
@@ -83,14 +83,25 @@ def file_rows(data_root: str, rows: np.ndarray) -> list[tuple[Path, np.ndarray, 
     return out
 
 
-def choose_confident(probs: np.ndarray, threshold, balance: bool) -> np.ndarray:
-    """Positions of the rows to keep: those whose predicted class has a probability of at least the
-    threshold (AUTO_CONFIDENCE for 'auto'), most confident first; `balance` keeps as many of each class."""
-    level = AUTO_CONFIDENCE if threshold == "auto" else float(threshold)
-    confidence = np.maximum(probs, 1 - probs)
+def held_out_rows(data_root: str, rows: np.ndarray) -> np.ndarray:
+    """Which of `rows` the data's own split column puts in val or test: those are never written as training
+    rows (a model trained on them would pick its best checkpoint on images it learned)."""
+    codes = read_rows(data_root, require_labels=False).split_codes
+    if codes is None:
+        return np.zeros(len(rows), dtype=bool)
+    return np.isin(codes[rows], [SPLITS.index("val"), SPLITS.index("test")])
+
+
+def choose_confident(probs: np.ndarray, min_confidence, balance: bool, threshold: float = 0.5) -> np.ndarray:
+    """Positions of the rows to keep: those labelled (open if prob >= `threshold`) with a probability of their
+    class of at least `min_confidence` (AUTO_CONFIDENCE for 'auto'), most confident first; `balance` keeps
+    as many of each class."""
+    level = AUTO_CONFIDENCE if min_confidence == "auto" else float(min_confidence)
+    is_open = probs >= threshold
+    confidence = np.where(is_open, probs, 1 - probs)
     keep = []
-    for is_open in (False, True):
-        members = np.flatnonzero((probs >= 0.5) == is_open)
+    for cls in (False, True):
+        members = np.flatnonzero(is_open == cls)
         members = members[confidence[members] >= level]
         keep.append(members[np.argsort(-confidence[members], kind="stable")])
     if balance:
@@ -104,6 +115,7 @@ def pseudo_label(
     data_root: str,
     out: str,
     *,
+    min_confidence="auto",
     threshold="auto",
     balance: bool = False,
     batch_size: int,
@@ -121,10 +133,17 @@ def pseudo_label(
         cache_dir=cache_dir,
         max_bad_fraction=max_bad_fraction,
     )
-    keep = choose_confident(probs, threshold, balance)
+    held_out = held_out_rows(data_root, rows)
+    candidates = np.flatnonzero(~held_out)
+    if not len(candidates):
+        raise UserError(
+            f"--data_root {data_root}: every row is in its val or test split; nothing to label for training"
+        )
+    decision = 0.5 if threshold == "auto" and snap.threshold is None else resolve_threshold(threshold, snap)
+    keep = candidates[choose_confident(probs[candidates], min_confidence, balance, decision)]
     if not len(keep):
-        raise UserError(f"--threshold {threshold}: no prediction is that confident; lower it")
-    labels = (probs[keep] >= 0.5).astype(np.int64)
+        raise UserError(f"--min_confidence {min_confidence}: no prediction is that confident; lower it")
+    labels = (probs[keep] >= decision).astype(np.int64)
     confidence = np.where(labels == 1, probs[keep], 1 - probs[keep])
     folder = Path(out).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
@@ -169,6 +188,8 @@ def pseudo_label(
     return {
         "output": str(path),
         "rows": int(len(rows)),
+        "held_out": int(held_out.sum()),
+        "threshold": float(decision),
         "kept": int(len(keep)),
         "open": opened,
         "closed": int(len(keep)) - opened,

@@ -16,16 +16,18 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import UserError
 from ..core.progress import progress
-from .sweep_space import default_trials, load_space, suggest, trial_flags
+from .sweep_space import default_trials, load_space, suggest, trial_flags, trial_recipe
 
 log = logging.getLogger("ocec")
 
@@ -62,13 +64,26 @@ class Running:
     folder: Path
     command: list[str]
     started: float
+    device: str | None = None
     reported: int = 0
     pruned: bool = False
 
 
-def trial_command(fixed: list[str], params: dict, pretrain: list[str], folder: Path, device: str | None) -> list[str]:
-    command = ["python", "-m", "ocec", "train", *fixed, *trial_flags(params, pretrain), "--output_dir", str(folder)]
+def trial_command(
+    fixed: list[str], params: dict, pretrain: list[str], folder: Path, device: str | None, fixed_settings: dict
+) -> list[str]:
+    """The trial's flags first, the user's fixed flags after them: argparse keeps the last value, so what the
+    user fixed is what runs."""
+    searched = trial_flags(params, pretrain, fixed_settings)
+    command = ["python", "-m", "ocec", "train", *searched, *fixed, "--output_dir", str(folder)]
     return command + (["--device", device] if device else [])
+
+
+def pick_device(devices: list[str], busy: list[str]) -> str | None:
+    """The device running the fewest trials (the first of them on a tie): a trial that ends frees its device."""
+    if not devices:
+        return None
+    return min(devices, key=lambda d: (busy.count(d), devices.index(d)))
 
 
 def _history(folder: Path) -> list[dict]:
@@ -98,14 +113,16 @@ def run_sweep(
     seed: int,
     heartbeat: int,
     plot: bool,
-    fixed_names: set = frozenset(),
+    fixed_settings: dict | None = None,
 ) -> dict:
     optuna = require_optuna()
+    fixed_settings = fixed_settings or {}
     folder = Path(output_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    space = load_space(space_file, pretrain=bool(pretrain), mix=mix, fixed=fixed_names)
-    study, store = open_study(optuna, folder, storage, study_name, pruner, seed, heartbeat)
-    enqueue_defaults(study, space, pretrain)
+    space = load_space(space_file, pretrain=bool(pretrain), mix=mix, fixed=fixed_settings)
+    study, store, created = open_study(optuna, folder, storage, study_name, pruner, seed, heartbeat)
+    if created:  # once per study: by the process that created it, never by a rerun or a second process
+        enqueue_defaults(study, space, pretrain)
     stop = {"requested": 0}
     previous = signal.signal(signal.SIGINT, lambda *_: _request_stop(stop))
     running: list[Running] = []
@@ -119,17 +136,21 @@ def run_sweep(
                 trial = study.ask()
                 params = suggest(trial, space)
                 trial_folder = folder / f"trial_{trial.number:04d}"
-                device = devices[len(running) % len(devices)] if devices else None
-                command = trial_command(fixed, params, pretrain, trial_folder, device)
+                device = pick_device(devices, [r.device for r in running])
+                command = trial_command(fixed, params, pretrain, trial_folder, device, fixed_settings)
                 trial.set_user_attr("command", shlex.join(command))
-                process = subprocess.Popen(
-                    [sys.executable, "-c", DIE_WITH_PARENT, *command[1:]],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,  # Ctrl-C in the terminal reaches the sweep, not its trials
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                )
-                running.append(Running(trial, process, trial_folder, command, time.time()))
+                trial.set_user_attr("recipe", trial_recipe(params, pretrain, fixed_settings))
+                trial_folder.mkdir(parents=True, exist_ok=True)
+                # stderr to a file, not a pipe: a pipe read only at the end fills up (64 KB) and blocks a chatty trial
+                with open(trial_folder / "stderr.log", "wb") as errors:
+                    process = subprocess.Popen(
+                        [sys.executable, "-c", DIE_WITH_PARENT, *command[1:]],
+                        stdout=subprocess.DEVNULL,
+                        stderr=errors,
+                        start_new_session=True,  # Ctrl-C in the terminal reaches the sweep, not its trials
+                        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    )
+                running.append(Running(trial, process, trial_folder, command, time.time(), device=device))
                 launched += 1
             if stop["requested"] > 1:
                 for r in running:
@@ -197,11 +218,11 @@ def _finish(study, r: Running) -> None:
     elif code == 0 and best is not None:
         study.tell(r.trial, best)
     else:
-        error = (r.process.stderr.read().decode(errors="replace").strip().splitlines() or [""])[-1]
+        text = (r.folder / "stderr.log").read_text(errors="replace") if (r.folder / "stderr.log").exists() else ""
+        error = (text.strip().splitlines() or [""])[-1]
         r.trial.set_user_attr("error", f"exit {code}: {error}"[:300])
         log.warning("sweep: trial %d failed (exit %s): %s", r.trial.number, code, error[:200])
         study.tell(r.trial, state=optuna.trial.TrialState.FAIL)
-    r.process.stderr.close()
 
 
 def _best_value(study) -> str:
@@ -232,7 +253,13 @@ def open_study(optuna, folder: Path, storage: str | None, name: str, pruner: str
                     raise UserError(f"--storage {url}: cannot open it ({str(exc).splitlines()[0][:200]})") from None
                 time.sleep(0.5 + attempt)
     elif url.startswith("journal:"):  # a journal file on a shared filesystem: journal:/shared/sweep.log
-        store = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url[len("journal:") :]))
+        journal = Path(url[len("journal:") :]).expanduser()
+        if not journal.parent.is_dir():
+            raise UserError(f"--storage {url}: the folder {journal.parent} does not exist")
+        try:
+            store = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+        except OSError as exc:
+            raise UserError(f"--storage {url}: cannot open it ({exc.strerror or exc})") from None
     else:
         raise UserError(f"--storage {url}: expected sqlite:///PATH, postgresql://..., mysql://... or journal:PATH")
     pruners = {
@@ -240,15 +267,18 @@ def open_study(optuna, folder: Path, storage: str | None, name: str, pruner: str
         "hyperband": optuna.pruners.HyperbandPruner(min_resource=1),
         "none": optuna.pruners.NopPruner(),
     }
+    # Each process gets its own sampler seed (--seed mixed with host and pid): processes sharing a study, and
+    # reruns that continue it, draw new parameters instead of repeating each other's (Optuna's advice for
+    # parallel workers); constant_liar makes TPE treat running trials as taken. Every trial's command is
+    # recorded, so each trial reproduces; the order of draws across processes does not.
+    salt = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
+    sampler = optuna.samplers.TPESampler(seed=(seed * 1_000_003 + salt) % 2**32, constant_liar=True)
+    settings = dict(study_name=name, storage=store, sampler=sampler, pruner=pruners[pruner])
     try:
-        study = optuna.create_study(
-            study_name=name,
-            storage=store,
-            direction="maximize",
-            sampler=optuna.samplers.TPESampler(seed=seed),
-            pruner=pruners[pruner],
-            load_if_exists=True,
-        )
+        try:  # exactly one process creates a study (the storage refuses a second): that one queues the defaults
+            study, created = optuna.create_study(direction="maximize", **settings), True
+        except optuna.exceptions.DuplicatedStudyError:
+            study, created = optuna.load_study(**settings), False
     except Exception as exc:  # noqa: BLE001 - a storage URL that does not connect is the user's to fix
         raise UserError(f"--storage {url}: cannot open the study ({str(exc).splitlines()[0][:200]})") from None
     if heartbeat and hasattr(store, "record_heartbeat"):  # trials of a sweep that was killed: failed, not counted
@@ -257,11 +287,11 @@ def open_study(optuna, folder: Path, storage: str | None, name: str, pruner: str
         optuna.storages.fail_stale_trials(study)
         if len(study.get_trials(deepcopy=False, states=fail)) > before:
             log.warning("sweep: trial(s) of a stopped sweep marked failed")
-    return study, store
+    return study, store, created
 
 
 def enqueue_defaults(study, space: dict, pretrain: list[str]) -> None:
-    """The defaults go first, once per study, whatever the reruns."""
+    """The defaults go first, once per study (called by the process that created it)."""
     for params in default_trials(space, pretrain):
         study.enqueue_trial(params, skip_if_exists=True)
 
@@ -277,7 +307,7 @@ def leaderboard(study, folder: Path) -> dict:
             {
                 "trial": t.number,
                 "state": t.state.name.lower(),
-                "recipe": t.params.get("recipe", "scratch"),
+                "recipe": attrs.get("recipe", t.params.get("recipe", "scratch")),
                 **{k: v for k, v in t.params.items() if k != "recipe"},
                 "best_f1": attrs.get("best_f1"),
                 "best_epoch": attrs.get("best_epoch"),

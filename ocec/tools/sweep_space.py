@@ -43,10 +43,11 @@ DEFAULT_TRIAL = {
     "augment": "default",
     "margin_method": "cosface",
 }
-SCRATCH_TRIAL = {**DEFAULT_TRIAL, "recipe": "scratch", "warmup_epochs": 3.0, "bn_adapt": False}
+SCRATCH_TRIAL = {k: v for k, v in DEFAULT_TRIAL.items() if k not in ("bn_adapt", "backbone_lr_ratio")}
+SCRATCH_TRIAL.update(recipe="scratch", warmup_epochs=3.0)
 
 
-def load_space(path: str | None, *, pretrain: bool, mix: bool, fixed: set = frozenset()) -> dict:
+def load_space(path: str | None, *, pretrain: bool, mix: bool, fixed: dict | set = frozenset()) -> dict:
     """The default space, with a --space file's entries (YAML or JSON) replacing those of the same name.
     Parameters that cannot apply are left out: recipes without --pretrain, mix_ratio without --mix_data_root,
     and every one whose flag was given (it stays fixed)."""
@@ -60,8 +61,10 @@ def load_space(path: str | None, *, pretrain: bool, mix: bool, fixed: set = froz
             space.pop(name, None)
     if not mix:
         space.pop("mix_ratio", None)
-    for name in fixed & set(space):
+    for name in set(fixed) & set(space):
         space.pop(name)
+    if "backbone_lr" in fixed or ("lr" not in space and "lr" not in fixed):
+        space.pop("backbone_lr_ratio", None)  # nothing to take the ratio of, or the backbone's LR is given
     return space
 
 
@@ -92,6 +95,32 @@ def _read_space_file(path: Path) -> dict:
     return data
 
 
+# What each numeric parameter's train flag accepts (TrainConfig.validate): (low, high, high included).
+# ema_decay 0 is the sweep's "off"; a ratio multiplies --lr.
+VALID_RANGE = {
+    "lr": (0.0, math.inf, False),
+    "backbone_lr_ratio": (0.0, math.inf, False),
+    "weight_decay": (0.0, math.inf, False),
+    "warmup_epochs": (0.0, math.inf, False),
+    "ema_decay": (0.0, 1.0, False),
+    "mix_ratio": (0.0, 1.0, False),
+}
+STRICTLY_ABOVE_LOW = {"lr", "backbone_lr_ratio", "mix_ratio"}
+
+
+def _check_values(name: str, values: list, where: str) -> None:
+    """Every value a parameter can take must be one its train flag accepts, or every trial would fail."""
+    if name not in VALID_RANGE:
+        return
+    low, high, _ = VALID_RANGE[name]
+    for value in values:
+        above = value > low if name in STRICTLY_ABOVE_LOW else value >= low
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not (above and value < high):
+            bound = f"{'(' if name in STRICTLY_ABOVE_LOW else '['}{low:g}, {high:g})"
+            flag = "--backbone_lr / --lr" if name == "backbone_lr_ratio" else f"--{name}"
+            raise UserError(f"{where}: {value!r} is outside what {flag} accepts, {bound}")
+
+
 def _check_spec(name: str, spec, path) -> None:
     where = f"--space {path}: {name}" if path else f"search space: {name}"
     if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):
@@ -103,6 +132,7 @@ def _check_spec(name: str, spec, path) -> None:
         bad = [c for c in choices if name in ALLOWED_CHOICES and c not in ALLOWED_CHOICES[name]]
         if bad:
             raise UserError(f"{where}: invalid choice(s) {bad} (allowed: {sorted(ALLOWED_CHOICES[name], key=str)})")
+        _check_values(name, choices, where)
         return
     low, high = spec.get("low"), spec.get("high")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
@@ -111,11 +141,17 @@ def _check_spec(name: str, spec, path) -> None:
         raise UserError(f"{where}: low must be below high, got low={low} high={high}")
     if spec.get("log") and low <= 0:
         raise UserError(f"{where}: a log range needs low > 0, got {low}")
+    _check_values(name, [low, high], where)
+
+
+FINE_TUNE_ONLY = ("bn_adapt", "backbone_lr_ratio")  # a scratch trial has no pretrained backbone to apply them to
 
 
 def suggest(trial, space: dict) -> dict:
     params = {}
     for name, spec in space.items():
+        if name in FINE_TUNE_ONLY and params.get("recipe") == "scratch":
+            continue
         if spec["type"] == "categorical":
             params[name] = trial.suggest_categorical(name, spec["choices"])
         elif spec["type"] == "int":
@@ -125,17 +161,28 @@ def suggest(trial, space: dict) -> dict:
     return params
 
 
-def trial_flags(params: dict, pretrain: list[str]) -> list[str]:
-    """Trial parameters -> `ocec train` flags (on top of the sweep's fixed flags)."""
+def trial_recipe(params: dict, pretrain: list[str], fixed: dict) -> str:
+    """What a trial runs: the fixed --recipe, else the searched one, else full with --pretrain (scratch without)."""
+    return fixed.get("recipe") or params.get("recipe") or ("full" if pretrain else "scratch")
+
+
+def trial_flags(params: dict, pretrain: list[str], fixed: dict | None = None) -> list[str]:
+    """Trial parameters -> `ocec train` flags, to come before the sweep's fixed flags (argparse keeps the last
+    value, so a fixed flag always wins); a searched parameter never emits a flag the user fixed."""
+    fixed = fixed or {}
     flags = []
-    recipe = params.get("recipe", "full" if pretrain else "scratch")
+    recipe = trial_recipe(params, pretrain, fixed)
     if recipe != "scratch":
-        flags += ["--pretrain", *pretrain, "--recipe", recipe]
-        flags += ["--bn_adapt"] if params.get("bn_adapt", True) else ["--no_bn_adapt"]
+        flags += ["--pretrain", *pretrain]
+        if "recipe" not in fixed:
+            flags += ["--recipe", recipe]
+        if "bn_adapt" in params:
+            flags += ["--bn_adapt"] if params["bn_adapt"] else ["--no_bn_adapt"]
+    lr = params.get("lr", fixed.get("lr"))
     if "lr" in params:
         flags += ["--lr", f"{params['lr']:.6g}"]
-        if recipe != "scratch" and "backbone_lr_ratio" in params:
-            flags += ["--backbone_lr", f"{params['lr'] * params['backbone_lr_ratio']:.6g}"]
+    if recipe != "scratch" and "backbone_lr_ratio" in params and lr is not None:
+        flags += ["--backbone_lr", f"{lr * params['backbone_lr_ratio']:.6g}"]
     for name in ("weight_decay", "warmup_epochs", "mix_ratio"):
         if name in params:
             flags += [f"--{name}", f"{params[name]:.6g}"]
@@ -149,7 +196,10 @@ def trial_flags(params: dict, pretrain: list[str]) -> list[str]:
 
 def default_trials(space: dict, pretrain: list[str]) -> list[dict]:
     """The documented fine-tune defaults and scratch, as far as `space` admits them: the first trials."""
-    trials = [DEFAULT_TRIAL, SCRATCH_TRIAL] if pretrain else [SCRATCH_TRIAL]
+    if "recipe" in space:
+        trials = [DEFAULT_TRIAL, SCRATCH_TRIAL]
+    else:  # the recipe is fixed (or there is nothing to fine-tune from): one default trial
+        trials = [DEFAULT_TRIAL if pretrain else SCRATCH_TRIAL]
     return [{k: v for k, v in values.items() if k in space and _admits(space[k], v)} for values in trials]
 
 

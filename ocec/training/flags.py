@@ -169,7 +169,8 @@ def add_train_flags(p) -> None:
         "--precise_bn",
         type=int,
         metavar="IMAGES",
-        help="re-estimate BatchNorm statistics on this many training images before each validation; 0: off",
+        help="re-estimate BatchNorm statistics on this many training images before each validation, so that "
+        "validation, the best checkpoint and its threshold see statistics matching the weights; 0: off",
     )
     g.add_argument(
         "--ema_decay",

@@ -24,6 +24,7 @@ from ..engine.reporting import Reporter, check_optional
 from ..engine.rundir import check_writable, next_run_dir, write_summary
 from ..engine.runtime import amp_dtype, keep_freed_memory, resolve_device
 from ..finetune.techniques import L2SP, weight_ema, zero_shot_report
+from .checks import ineffective_settings
 from .start import Start, describe_model, load_pretrained_weights, selection_metric
 
 log = logging.getLogger("ocec")
@@ -136,8 +137,8 @@ def build_job(start: Start, world: World, attach_log, created: list) -> tuple[Jo
             cfg.batch_size // world.size,
             ", SyncBatchNorm" if cfg.sync_bn else "",
         )
-    if world.main and cfg.never_reached():
-        log.warning("warning: %s", cfg.never_reached())
+    for note in ineffective_settings(cfg) if world.main else []:
+        log.warning("warning: %s", note)
     if start.resume:
         first_epoch, partial = resume_job(job, start.resume)
         return job, first_epoch, partial
@@ -169,7 +170,15 @@ def resume_job(job: Job, raw: dict) -> tuple[int, dict | None]:
     job.learner.load_state_dict(raw)
     job.record = RunRecord.from_dict(raw)
     if job.sample_losses is not None and "sample_losses" in raw:
-        job.sample_losses = raw["sample_losses"].clone()
+        if len(raw["sample_losses"]) == len(job.sample_losses):
+            job.sample_losses = raw["sample_losses"].clone()
+        else:  # --data_root (or --extra_train_root) changed: the losses belong to other samples
+            log.warning(
+                "resume: the saved per-sample losses are of %d training samples, this data has %d: hard-example "
+                "mining starts afresh (uniform until the next epoch's losses)",
+                len(raw["sample_losses"]),
+                len(job.sample_losses),
+            )
     epoch, interrupted = raw["epoch"], "partial" in raw  # an interrupt may come before the epoch's first step
     if job.world.main:
         stale = job.keeper.drop_after(epoch - 1 if interrupted else epoch)

@@ -70,7 +70,13 @@ def finetune_settings(given: dict) -> tuple[dict, dict]:
     settings = {**filled, **given}
     if settings.get("recipe"):
         flags = recipe_settings(settings["recipe"], settings.get("epochs", TrainConfig.epochs))
-        if {"stages", "freeze_backbone", "unfreeze_backbone_epoch"} & set(given):  # the user's schedule wins
+        schedule = {"stages", "freeze_backbone", "unfreeze_backbone_epoch"} & set(given)
+        if schedule and "recipe" in given and "stages" in flags:
+            raise UserError(
+                f"--recipe {settings['recipe']} sets the freezing schedule; --{sorted(schedule)[0]} gives another: "
+                "give one or the other"
+            )
+        if schedule:  # the user's schedule wins over the default recipe's
             flags.pop("stages", None)
         flags = {k: v for k, v in flags.items() if k not in given}
         settings.update(flags)

@@ -139,5 +139,7 @@ def test_recipes_scale_with_the_epochs_and_given_flags_win():
     settings, filled = finetune_settings({"pretrain": ["a.pt"], "epochs": 16, "recipe": "lp-ft", "warmup_epochs": 0})
     assert settings["warmup_epochs"] == 0 and settings["stages"] == [Stage(1, 0.0), Stage(5, 1.0)]
     assert "warmup_epochs" not in filled and filled["bn_adapt"] is True
-    settings, _ = finetune_settings({"pretrain": ["a.pt"], "recipe": "lp-ft", "freeze_backbone": True})
-    assert "stages" not in settings  # the user's schedule replaces the recipe's
+    with pytest.raises(UserError, match="--recipe lp-ft sets the freezing schedule; --freeze_backbone gives another"):
+        finetune_settings({"pretrain": ["a.pt"], "recipe": "lp-ft", "freeze_backbone": True})  # one would be dropped
+    settings, _ = finetune_settings({"pretrain": ["a.pt"], "freeze_backbone": True})
+    assert "stages" not in settings and settings["recipe"] == "full"  # the default recipe sets no schedule

@@ -42,6 +42,19 @@ def test_best_threshold_maximises_f1():
     brute = max(f1_score(labels, (probs >= t).astype(int)) for t in probs)
     assert best == pytest.approx(brute) and best > f1_score(labels, (probs >= 0.5).astype(int))
     assert f1_score(labels, (probs >= threshold).astype(int)) == pytest.approx(best)
+    assert 0.3 < threshold < 0.35  # between the highest score called closed and the lowest called open
+
+
+def test_the_threshold_stays_at_half_unless_another_gains_enough():
+    labels = np.array([0] * 50 + [1] * 50)
+    probs = np.concatenate([np.linspace(0.0, 0.45, 50), np.linspace(0.55, 1.0, 50)])
+    probs[49] = 0.52  # one closed image above 0.5: the best cut gains 0.0099 of F1 (1 of 101 errors)
+    assert best_threshold(labels, probs)[0] != 0.5
+    probs = np.concatenate([np.linspace(0.0, 0.45, 500), np.linspace(0.55, 1.0, 500)])
+    labels = np.array([0] * 500 + [1] * 500)
+    probs[499] = 0.52  # the same one image among 1,000: a gain of 0.001, kept at 0.5
+    threshold, f1 = best_threshold(labels, probs)
+    assert threshold == 0.5 and f1 == pytest.approx(f1_score(labels, probs >= 0.5))
 
 
 def test_single_class_metrics_are_undefined_not_errors_or_zero():

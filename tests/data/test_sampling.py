@@ -53,3 +53,12 @@ def test_a_mixed_pool_gathers_from_both_datasets_without_joining_them():
     batch = pool.take(torch.tensor([5, 0, 4, 3]))
     assert batch[:, 0, 0, 0].tolist() == [104, 1, 100, 7]
     assert pool.labels.tolist() == [0, 1, 0, 1, 1, 1]
+
+
+def test_hard_mining_draws_a_sample_in_proportion_to_its_weight():
+    weights = torch.ones(100)
+    weights[7] = 100.0  # a hundred times the others: about half of the 50 mined draws (100/199)
+    order = epoch_order(torch.arange(100) % 2, None, 0.0, False, torch.Generator().manual_seed(0), hard=(0.5, weights))
+    assert len(order) == 100 and int((order == 7).sum()) >= 10
+    plain = epoch_order(torch.arange(100) % 2, None, 0.0, False, torch.Generator().manual_seed(0))
+    assert int((plain == 7).sum()) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY, checkpoint, only_run
 
 from ocec.core.config import ModelConfig, Stage, parse_stages
 from ocec.engine.batchnorm import freeze_batchnorm_statistics
@@ -209,3 +210,32 @@ def test_fused_optimizer_skips_a_step_on_the_device():
     optimizer_step(opt, scaler, torch.tensor(True))
     assert not any(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert all(int(s["step"]) == 1 for s in opt.state.values())  # the skipped step is not counted
+
+
+def test_the_fp16_gradscaler_path_runs_on_cpu(train, data_a, tmp_path, monkeypatch):
+    """The CUDA mixed-precision path (float16 autocast + an active GradScaler) exercised where CI can:
+    torch runs float16 autocast and GradScaler('cpu') on CPUs too."""
+    import ocec.engine.optim as optim_mod
+    import ocec.training.job as job_mod
+
+    fp16 = lambda device, use_amp: torch.float16 if use_amp else None  # noqa: E731 - what CUDA would get
+    monkeypatch.setattr(optim_mod, "amp_dtype", fp16)
+    monkeypatch.setattr(job_mod, "amp_dtype", fp16)
+    result = train(data_a, tmp_path, 2, *TINY, "--use_amp")
+    assert result.code == 0, result.err
+    saved = checkpoint(only_run(tmp_path) / "ocec_epoch_0002.pt")
+    assert saved["scaler_state"] is not None and saved["scaler_state"]["scale"] > 0  # the scaler was active
+    assert all(torch.isfinite(v).all() for v in saved["model_state"].values() if v.is_floating_point())
+
+
+def test_an_active_gradscaler_skips_an_overflowing_step_and_lowers_its_scale():
+    from ocec.engine.optim import optimizer_step
+
+    layer = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = layer.weight.detach().clone()
+    scaler.scale(layer(torch.ones(2, 4)).sum() * float("inf")).backward()
+    scaler.unscale_(optimizer)
+    optimizer_step(optimizer, scaler, torch.tensor(True))
+    assert torch.equal(layer.weight, before) and scaler.get_scale() == 512.0

@@ -8,12 +8,17 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import FIXTURES, TINY_TRAIN, checkpoint, config, history, only_run, summary
 
 from ocec.data.synth import write_synthetic
+from ocec.core.config import ModelConfig
+from ocec.data.dataset import load_dataset
+from ocec.engine.batchnorm import adapt_batchnorm
 from ocec.finetune.pretrained import choose_best, read_snapshot
+from ocec.models.model import build_model
 
 
 def test_pretrain_picks_the_highest_f1_candidate_and_says_why(train, data_a, trained_run, tmp_path):
@@ -235,8 +240,7 @@ def test_a_recipe_expands_into_stages_and_given_flags_win(finetune, tmp_path):
         {"epoch": 2, "fraction": 1.0, "backbone_lr": None},
     ]
     result = finetune(2, "--recipe", "lp-ft", "--freeze_backbone", "--bn_adapt", "--warmup_epochs", 0)
-    assert result.code == 0, result.err  # the user's schedule replaces the recipe's
-    assert config(sorted(tmp_path.glob("v*"))[-1])["train"]["stages"] is None
+    assert result.code == 2 and "--recipe lp-ft sets the freezing schedule" in result.err  # not silently dropped
 
 
 def test_surgical_stages_release_the_input_side(finetune, tmp_path):
@@ -255,7 +259,7 @@ def test_layer_decay_scales_each_backbone_unit(finetune, tmp_path):
     assert lrs["backbone.stem"] == pytest.approx(0.125e-3) and lrs["head_no_decay"] == pytest.approx(1e-3)
 
 
-@pytest.mark.parametrize("flags", [["--l2sp", 0], ["--layer_decay", 1], ["--hard_mining", 0], ["--precise_bn", 0]])
+@pytest.mark.parametrize("flags", [["--l2sp", 0], ["--layer_decay", 1], ["--hard_mining", 0], ["--precise_bn", 2000]])
 def test_neutral_values_reproduce_the_run_exactly(finetune, tmp_path, flags):
     assert finetune(2, "--seed", 3).code == 0
     assert finetune(2, "--seed", 3, *flags).code == 0
@@ -286,7 +290,7 @@ def test_l2sp_keeps_the_backbone_closer_to_the_pretrained_weights(finetune, trai
     }
 
 
-def test_ema_is_validated_kept_and_resumed_bit_exactly(ocec, finetune, tmp_path):
+def test_ema_is_validated_kept_and_resumed_bit_exactly(ocec, finetune, data_a, tmp_path):
     assert finetune(3, "--ema_decay", 0.9, "--seed", 2).code == 0
     straight = only_run(tmp_path)
     ckpt = checkpoint(straight / "ocec_epoch_0003.pt")
@@ -294,6 +298,32 @@ def test_ema_is_validated_kept_and_resumed_bit_exactly(ocec, finetune, tmp_path)
     assert not torch.equal(ckpt["ema_state"]["head.norm.weight"], ckpt["model_state"]["head.norm.weight"])
     assert torch.equal(
         read_snapshot(straight / "ocec_epoch_0003.pt").state["head.norm.weight"], ckpt["ema_state"]["head.norm.weight"]
+    )
+    # the logged validation is of the EMA weights: eval reproduces it; the raw weights give another loss
+    row = history(straight)[2]
+    assert (
+        ocec(
+            "eval",
+            "--checkpoint",
+            straight / "ocec_epoch_0003.pt",
+            "--json",
+            tmp_path / "ema.json",
+            "--data_root",
+            data_a,
+        ).code
+        == 0
+    )
+    assert json.loads((tmp_path / "ema.json").read_text())["overall"]["loss"] == pytest.approx(
+        row["val_loss"], abs=1e-6
+    )
+    raw = {k: v for k, v in ckpt.items() if not k.startswith("ema")}
+    torch.save(raw, tmp_path / "raw.pt")
+    assert (
+        ocec("eval", "--checkpoint", tmp_path / "raw.pt", "--json", tmp_path / "raw.json", "--data_root", data_a).code
+        == 0
+    )
+    assert json.loads((tmp_path / "raw.json").read_text())["overall"]["loss"] != pytest.approx(
+        row["val_loss"], abs=1e-6
     )
     assert finetune(2, "--ema_decay", 0.9, "--seed", 2).code == 0
     first_leg = sorted(tmp_path.glob("v*"))[-1]
@@ -304,25 +334,67 @@ def test_ema_is_validated_kept_and_resumed_bit_exactly(ocec, finetune, tmp_path)
         assert all(torch.equal(resumed[key][k], ckpt[key][k]) for k in ckpt[key]), key
 
 
-def test_hard_mining_draws_high_loss_samples_and_resumes_exactly(ocec, finetune, tmp_path):
+def test_hard_mining_draws_high_loss_samples_and_resumes_exactly(ocec, finetune, tmp_path, monkeypatch):
+    """Each epoch after the first draws its mined share by the previous epoch's saved per-sample losses."""
+    import ocec.training.trainer as trainer_mod
+    from ocec.finetune.techniques import hard_weights
+
+    real, drawn = trainer_mod.epoch_order, []
+    monkeypatch.setattr(trainer_mod, "epoch_order", lambda *a, hard=None: drawn.append(hard) or real(*a, hard=hard))
     assert finetune(3, "--hard_mining", 0.5, "--seed", 4).code == 0
     straight = only_run(tmp_path)
     losses = checkpoint(straight / "ocec_epoch_0003.pt")["sample_losses"]
     assert not torch.isnan(losses).all()
+    assert drawn[0] is None  # nothing known before the first epoch
+    for epoch in (1, 2):
+        share, weights = drawn[epoch]
+        saved = checkpoint(straight / f"ocec_epoch_{epoch:04d}.pt")["sample_losses"]
+        assert share == 0.5 and torch.equal(weights, hard_weights(saved))
+    monkeypatch.undo()
     assert finetune(2, "--hard_mining", 0.5, "--seed", 4).code == 0
     first_leg = sorted(tmp_path.glob("v*"))[-1]
     assert ocec("train", "--resume", first_leg, "--epochs", 3).code == 0
     assert history(first_leg) == history(straight)
 
 
-def test_precise_bn_re_estimates_before_each_validation(finetune, tmp_path, monkeypatch):
-    import ocec.training.trainer as trainer_mod
+def test_precise_bn_validates_and_saves_statistics_re_estimated_for_the_saved_weights(ocec, finetune, data_a, tmp_path):
+    """The checkpoint's BatchNorm statistics are those of its own weights on the seeded sample of training
+    images (not the running ones training left), and `ocec eval` on it reproduces the logged F1 and loss."""
+    assert finetune(2, "--precise_bn", 64, "--seed", 5).code == 0
+    run = only_run(tmp_path)
+    saved = checkpoint(run / "ocec_epoch_0002.pt")
+    model = build_model(ModelConfig.from_dict(saved["model_config"]))
+    model.load_state_dict(saved["model_state"])
+    data = load_dataset(
+        data_a, (16, 32), ratios=(0.8, 0.1, 0.1), seed=5, num_workers=0, cache_dir=None, max_bad_fraction=0.0
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    for module in model.modules():  # forget the saved statistics, keep the weights
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+    adapt_batchnorm(model, data.get("train"), batch_size=32, device=torch.device("cpu"), max_images=64, seed=5 + 2)
+    after = {k: v for k, v in model.state_dict().items() if "running" in k}
+    assert all(torch.allclose(before[k], after[k], atol=1e-5) for k in before)
+    row = history(run)[1]
+    assert (
+        ocec(
+            "eval", "--checkpoint", run / "ocec_epoch_0002.pt", "--data_root", data_a, "--json", tmp_path / "e.json"
+        ).code
+        == 0
+    )
+    overall = json.loads((tmp_path / "e.json").read_text())["overall"]
+    assert overall["f1"] == pytest.approx(row["val_f1"], abs=1e-6)
+    assert overall["loss"] == pytest.approx(row["val_loss"], abs=1e-6)
+    assert "precise_bn_seconds" in history(run, drop=())[1]
 
-    calls = []
-    real = trainer_mod.adapt_batchnorm
-    monkeypatch.setattr(trainer_mod, "adapt_batchnorm", lambda *a, **k: calls.append(k["max_images"]) or real(*a, **k))
-    assert finetune(2, "--precise_bn", 64).code == 0
-    assert calls == [64, 64]
+
+def test_precise_bn_is_on_by_default_and_off_with_0(finetune, tmp_path):
+    on = finetune(1)
+    assert on.code == 0 and "precise BN: BatchNorm statistics re-estimated on" in on.out
+    assert config(only_run(tmp_path))["train"]["precise_bn"] == 2000
+    off = finetune(1, "--precise_bn", 0)
+    runs = sorted(tmp_path.glob("v*"))
+    assert off.code == 0 and "precise BN" not in off.out and "precise_bn_seconds" not in history(runs[-1], drop=())[0]
 
 
 def test_the_val_optimal_threshold_is_stored_and_used_by_auto(ocec, finetune, data_a, tmp_path):
@@ -349,3 +421,50 @@ def test_stages_beyond_the_last_epoch_are_announced_once(finetune):
     result = finetune(1, "--freeze_backbone", "--unfreeze_backbone_epoch", 3)
     assert "--unfreeze_backbone_epoch 3 is after the last epoch (--epochs 1)" in result.out
     assert "never run" not in finetune(2, "--stages", "1:0,2:1").out
+
+
+def test_bn_adaptation_and_precise_bn_take_a_train_split_that_leaves_one_image(finetune, data_a):
+    """--pretrain (BN adaptation) and precise BN (on by default) with --batch_size = train rows - 1."""
+    splits = pq.read_table(data_a / "dataset.parquet", columns=["split"]).column("split").to_pylist()
+    result = finetune(1, "--batch_size", splits.count("train") - 1)
+    assert result.code == 0, result.err
+    assert f"after BatchNorm adaptation on {splits.count('train')} train images" in result.out
+    assert "precise BN: BatchNorm statistics re-estimated on" in result.out
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--unfreeze_from", "input"], "--unfreeze_from input applies to freezing stages"),
+        (["--recipe", "surgical", "--freeze_backbone"], "--recipe surgical sets the freezing schedule"),
+    ],
+)
+def test_flag_combinations_that_would_do_nothing_are_refused(finetune, flags, message):
+    result = finetune(1, *flags)
+    assert result.code == 2 and message in result.err
+
+
+@pytest.mark.parametrize(
+    "epochs,flags,message",
+    [
+        (2, ["--freeze_backbone", "--layer_decay", 0.5], "--layer_decay acts on the backbone, which is frozen"),
+        (2, ["--stages", "1:0,5:1", "--l2sp", 1], "--l2sp acts on the backbone, which is frozen"),
+        (1, ["--hard_mining", 0.3], "--hard_mining draws by the previous epoch's losses: with --epochs 1"),
+    ],
+)
+def test_flag_combinations_that_do_nothing_are_warned_about_once(finetune, epochs, flags, message):
+    result = finetune(epochs, *flags)
+    assert result.code == 0, result.err
+    assert result.out.count(message) == 1
+
+
+def test_resume_on_other_data_does_not_reuse_per_sample_losses(ocec, finetune, tmp_path):
+    assert finetune(1, "--hard_mining", 0.5).code == 0
+    run = only_run(tmp_path)
+    write_synthetic(tmp_path / "smaller", 120, seed=30, style="a")
+    result = ocec("train", "--resume", run, "--epochs", 2, "--data_root", tmp_path / "smaller")
+    assert result.code == 0, result.err
+    assert "hard-example mining starts afresh" in result.out
+    assert len(checkpoint(run / "ocec_epoch_0002.pt")["sample_losses"]) < len(
+        checkpoint(run / "ocec_epoch_0001.pt")["sample_losses"]
+    )

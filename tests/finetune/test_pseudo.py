@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 import pytest
 from conftest import TINY_TRAIN, config, only_run
@@ -50,10 +52,14 @@ def test_pseudo_labels_round_trip_through_train(ocec, train, trained_run, data_a
         max_bad_fraction=0.0,
     )
     source = pq.read_table(unlabelled / "rows.parquet")
-    predicted = dict(zip(source.column("image_bytes").to_pylist(), (probs[np.argsort(rows)] >= 0.5).astype(int)))
+    stored = snap.threshold  # labels are assigned at the checkpoint's stored threshold (--threshold auto)
+    assert stored is not None and f"at threshold {stored:.3g}" in result.out
+    is_open = probs[np.argsort(rows)] >= stored
+    predicted = dict(zip(source.column("image_bytes").to_pylist(), is_open.astype(int)))
     pairs = list(zip(table.column("image_bytes").to_pylist(), table.column("class_id").to_pylist()))
     assert all(predicted[image] == label for image, label in pairs)
-    assert table.num_rows == int((np.maximum(probs, 1 - probs) >= 0.9).sum())  # every confident row, no other
+    confident = np.where(probs >= stored, probs, 1 - probs) >= 0.9
+    assert table.num_rows == int(confident.sum())  # every confident row, no other
     run = train(
         data_a, tmp_path / "r", 1, *TINY_TRAIN, "--pretrain", trained_run, "--extra_train_root", tmp_path / "pl"
     )
@@ -77,3 +83,49 @@ def test_confident_rows_and_balance():
     assert choose_confident(probs, 0.95, False).tolist() == [0, 5, 6, 7, 8]
     assert choose_confident(probs, 0.95, True).tolist() == [0, 5, 7, 8]  # two of each class, the most confident
     assert choose_confident(probs, "auto", False).tolist() == [0, 1, 5, 6, 7, 8]  # auto: 0.9
+
+
+def test_pseudo_labels_never_hold_a_val_or_test_row(ocec, trained_run, data_a, tmp_path):
+    """Labelling the labelled dataset itself writes only its train rows (val/test pick the best checkpoint)."""
+    result = ocec(
+        "pseudo-label",
+        "--checkpoint",
+        trained_run,
+        "--data_root",
+        data_a,
+        "--out",
+        tmp_path / "pl",
+        "--min_confidence",
+        0.5,
+    )
+    assert result.code == 0, result.err
+    source = pq.read_table(data_a / "dataset.parquet")
+    held_out = {
+        b
+        for b, s in zip(source.column("image_bytes").to_pylist(), source.column("split").to_pylist())
+        if s in ("val", "test")
+    }
+    written = pq.read_table(tmp_path / "pl" / "dataset.parquet").column("image_bytes").to_pylist()
+    assert written and not held_out & set(written)
+    assert f"left out {len(held_out)} row(s) of the data's val/test split" in result.out
+
+
+def test_train_refuses_extra_train_rows_that_are_val_or_test_images(train, data_a, tmp_path):
+    table = pq.read_table(data_a / "dataset.parquet")
+    leaked = table.filter(pa.compute.equal(table.column("split"), "val"))
+    leaked = leaked.set_column(leaked.schema.get_field_index("split"), "split", pa.array(["train"] * leaked.num_rows))
+    (tmp_path / "leak").mkdir()
+    pq.write_table(leaked, tmp_path / "leak" / "dataset.parquet")
+    result = train(data_a, tmp_path / "r", 1, *TINY_TRAIN, "--extra_train_root", tmp_path / "leak")
+    assert result.code == 2
+    assert f"{leaked.num_rows} of its {leaked.num_rows} train images are also in the val/test split" in result.err
+
+
+def test_threshold_assigns_labels_and_min_confidence_chooses_rows(ocec, trained_run, unlabelled, tmp_path):
+    """--threshold means what it means in eval/predict/export (the decision); --min_confidence the floor."""
+    common = ["--checkpoint", trained_run, "--data_root", unlabelled / "rows.parquet", "--min_confidence", 0]
+    assert ocec("pseudo-label", *common, "--threshold", 0.0, "--out", tmp_path / "all_open").code == 0
+    labels = pq.read_table(tmp_path / "all_open" / "dataset.parquet").column("class_id").to_pylist()
+    assert len(labels) == 120 and set(labels) == {1}
+    refused = ocec("pseudo-label", *common[:-2], "--min_confidence", 1.0, "--out", tmp_path / "none")
+    assert refused.code == 2 and "--min_confidence 1.0: no prediction is that confident" in refused.err

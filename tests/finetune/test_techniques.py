@@ -36,6 +36,13 @@ def test_bn_adaptation_changes_running_statistics_and_no_weight():
     assert float((after - stem_out.mean((0, 2, 3))).abs().max()) < 0.05
 
 
+def test_bn_adaptation_takes_a_split_that_leaves_one_image_for_the_last_batch():
+    """17 images in batches of 16 would leave one image, which BatchNorm1d (the avgmax_mlp head) refuses."""
+    model = build_model(ModelConfig(base_channels=8, num_blocks=2, image_size=(16, 32), head_variant="avgmax_mlp"))
+    assert adapt_batchnorm(model, _split(17), batch_size=16, device=torch.device("cpu"), max_images=100, seed=0) == 17
+    assert adapt_batchnorm(model, _split(1), batch_size=16, device=torch.device("cpu"), max_images=100, seed=0) == 0
+
+
 def test_ema_equals_a_hand_computed_average():
     torch.manual_seed(0)
     model = build_model(CFG)

@@ -111,17 +111,35 @@ def test_a_killed_trial_is_marked_failed_and_the_sweep_goes_on(data_b, trained_r
 def test_two_sweeps_sharing_a_storage_run_distinct_trials(data_b, trained_run, tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     common = ["--data_root", data_b, "--pretrain", trained_run, *SWEEP, "--storage", storage, "--study", "shared"]
-    first = _start(*common, "--output_dir", tmp_path / "one", "--trials", 2)
-    second = _start(*common, "--output_dir", tmp_path / "two", "--trials", 2)
+    first = _start(*common, "--output_dir", tmp_path / "one", "--trials", 3)
+    second = _start(*common, "--output_dir", tmp_path / "two", "--trials", 3)
     for proc in (first, second):
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err
     import optuna
 
     trials = optuna.load_study(study_name="shared", storage=storage).trials
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3, 4, 5]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert {Path(t.user_attrs["run_dir"]).parent.parent.name for t in trials} == {"one", "two"}
+    drawn = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(drawn)) == len(drawn), drawn  # no parameter set twice (each process has its own sampler seed)
+    defaults = [t for t in trials if t.params.get("recipe") == "full" and t.params.get("lr") == 1e-3]
+    assert len(defaults) == 1  # queued once, by the process that created the study
+
+
+def test_flags_the_user_fixed_are_what_every_trial_runs(data_b, trained_run, tmp_path):
+    fixed = ["--recipe", "lp-ft", "--no_bn_adapt", "--lr", "1e-3"]
+    result = _sweep(
+        "--data_root", data_b, "--pretrain", trained_run, "--output_dir", tmp_path, *SWEEP, *fixed, "--trials", 2
+    )
+    assert result.returncode == 0, result.stderr
+    board = _board(tmp_path)
+    assert len(board) == 2 and all(r["recipe"] == "lp-ft" for r in board)  # not 'scratch', not 'full'
+    for r in board:
+        train = json.loads((Path(r["run_dir"]) / "config.json").read_text())["train"]
+        assert train["recipe"] == "lp-ft" and train["bn_adapt"] is False and train["lr"] == 1e-3, r["command"]
+        assert train["backbone_lr"] == pytest.approx(1e-3 * r["backbone_lr_ratio"], rel=1e-5)  # searched, applied
 
 
 def test_a_killed_sweep_loses_only_its_running_trial(data_b, trained_run, tmp_path):
@@ -146,8 +164,11 @@ def test_a_killed_sweep_loses_only_its_running_trial(data_b, trained_run, tmp_pa
         ('{"recipe": {"type": "categorical", "choices": ["full", "magic"]}}', ".json", "invalid choice(s) ['magic']"),
         ("lr: [unclosed", ".yaml", "not valid YAML"),
         ("{broken", ".json", "not valid JSON"),
+        ("ema_decay: {type: categorical, choices: [1.5]}", ".yaml", "ema_decay: 1.5 is outside what --ema_decay"),
+        ("lr: {type: float, low: -1, high: 1}", ".yaml", "lr: -1 is outside what --lr accepts, (0, inf)"),
+        ("mix_ratio: {type: float, low: 0.5, high: 2}", ".yaml", "mix_ratio: 2 is outside what --mix_ratio"),
     ],
-    ids=["unknown name", "empty range", "log from zero", "bad recipe", "bad yaml", "bad json"],
+    ids=["unknown name", "empty range", "log from zero", "bad recipe", "bad yaml", "bad json", "ema", "lr", "mix"],
 )
 def test_a_malformed_space_file_gives_one_line(ocec, data_b, trained_run, tmp_path, text, suffix, message):
     space = tmp_path / f"space{suffix}"
@@ -210,3 +231,42 @@ def test_the_pruner_stops_a_trial_that_reports_badly(tmp_path):
     _follow(study, follower)
     assert process.terminated and follower.pruned
     assert re.fullmatch(r"\{1: 0\.9, 2: 0\.1\}", str(study.trials[0].intermediate_values))
+
+
+def test_a_trial_takes_the_device_with_the_fewest_running_trials():
+    from ocec.tools.sweep import pick_device
+
+    devices = ["cuda:0", "cuda:1"]
+    assert pick_device(devices, []) == "cuda:0" and pick_device(devices, ["cuda:0"]) == "cuda:1"
+    assert pick_device(devices, ["cuda:1"]) == "cuda:0"  # trial 0 on cuda:0 ended first: its device is free
+    assert pick_device(devices, ["cuda:1", "cuda:0", "cuda:1"]) == "cuda:0" and pick_device([], ["x"]) is None
+
+
+def test_fixed_flags_come_last_and_a_fixed_recipe_is_never_overridden():
+    from ocec.cli import build_parser
+    from ocec.tools.sweep import trial_command
+
+    fixed = {"recipe": "lp-ft", "bn_adapt": False, "lr": 1e-3}
+    flags = ["--recipe", "lp-ft", "--no_bn_adapt", "--lr", "0.001"]
+    params = {"backbone_lr_ratio": 0.5, "weight_decay": 1e-4}
+    command = trial_command(flags, params, ["m.pt"], Path("t"), None, fixed)
+    args = build_parser().parse_args(command[3:])
+    assert (args.recipe, args.bn_adapt, args.lr, args.backbone_lr) == ("lp-ft", False, 1e-3, 5e-4)
+    assert command.count("--recipe") == 1 and "--bn_adapt" not in command
+
+
+def test_a_journal_storage_in_a_missing_folder_gives_one_line(ocec, data_b, tmp_path):
+    storage = f"journal:{tmp_path}/nonexistent/x.log"
+    result = ocec("sweep", "--data_root", data_b, "--output_dir", tmp_path / "s", "--storage", storage, "--trials", 1)
+    assert result.code == 2 and "does not exist" in result.err and "Traceback" not in result.err
+
+
+def test_a_chatty_trial_does_not_hang_the_sweep(data_b, trained_run, tmp_path, monkeypatch):
+    """PYTHONVERBOSE makes every trial write megabytes to stderr: a pipe read only at the end would fill up
+    (64 KB) and block the trial for ever; a file does not."""
+    monkeypatch.setenv("PYTHONVERBOSE", "1")
+    args = ["--data_root", data_b, "--pretrain", trained_run, "--output_dir", tmp_path, *SWEEP, "--trials", 1]
+    result = _sweep(*args, "--epochs", 1)
+    assert result.returncode == 0, result.stderr[-500:]
+    assert _board(tmp_path)[0]["state"] == "complete"
+    assert (tmp_path / "trial_0000" / "stderr.log").stat().st_size > 200_000

@@ -272,25 +272,6 @@ def test_no_cache_decodes_without_writing_a_cache(train, data_a, tmp_path):
     assert list((tmp_path / "c2").iterdir())
 
 
-def test_train_accepts_settings_as_keywords(data_a, tmp_path):
-    from ocec.training.trainer import train
-
-    run = train(
-        data_root=str(data_a),
-        output_dir=str(tmp_path),
-        epochs=1,
-        image_size=(16, 32),
-        base_channels=8,
-        num_blocks=2,
-        batch_size=32,
-        num_workers=0,
-        device="cpu",
-    )
-    assert run == only_run(tmp_path) and config(run)["model"]["base_channels"] == 8
-    with pytest.raises(TypeError, match="unknown training setting"):
-        train(data_root=str(data_a), epoch=1)
-
-
 def test_compile_that_cannot_compile_falls_back_with_one_line(train, data_a, tmp_path, monkeypatch):
     def broken_compile(fn, *args, **kwargs):
         def run(*a, **k):
