@@ -4,7 +4,7 @@ L2-SP anchor. Each is off unless its flag asks for it, and then changes nothing 
 - BatchNorm adaptation (AdaBN, Li et al. 2016): model A's running statistics describe dataset A; on a
   shifted B they misplace every activation, so A ranks B's images well but thresholds them badly.
   Re-estimating them on B's training images (no augmentation, no gradient) fixes that before the first
-  step. `torch.optim.swa_utils.update_bn` does the pass (a cumulative average over the images given).
+  step. `engine.batchnorm.adapt_batchnorm` does the pass (a cumulative average over the images given).
 - Weight EMA: `torch.optim.swa_utils.AveragedModel` with an EMA average, buffers included (as timm's
   ModelEmaV3); validation, best-checkpoint selection, eval and export use the averaged weights.
 - L2-SP (Li et al. 2018): the backbone is pulled towards the pretrained weights instead of towards zero.

@@ -85,3 +85,22 @@ def test_hard_weights_follow_the_loss_within_bounds():
     assert w[3] == 1.5  # never seen: the median of the known losses
     assert w[4] == 15.0 and w[0] == 0.15  # bounded to [median / 10, median * 10]
     assert w[2] > w[1] > w[0]
+
+
+def test_frozen_batchnorm_keeps_its_statistics_and_normalises_as_at_validation_while_others_are_measured():
+    """With every BatchNorm but the head's frozen, the head's new statistics are those of the features the
+    frozen layers give in eval mode (their running statistics), as validation will see them."""
+    torch.manual_seed(0)
+    model = build_model(CFG).eval()
+    frozen = frozenset(
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and n != "head.norm"
+    )
+    before = {n: model.get_submodule(n).running_mean.clone() for n in frozen}
+    seen = []
+    hook = model.head.norm.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(_split().take(slice(None)).float().div(255))
+    hook.remove()
+    adapt_batchnorm(model, _split(), batch_size=64, device=torch.device("cpu"), max_images=64, seed=0, keep=frozen)
+    assert all(torch.equal(model.get_submodule(n).running_mean, before[n]) for n in frozen)
+    assert torch.allclose(model.head.norm.running_mean, seen[0].mean(0), atol=1e-5)
