@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from ocec.data.augment import augment_batch  # noqa: E402
 from ocec.data.dataset import load_dataset  # noqa: E402
 from ocec.data.synth import write_synthetic  # noqa: E402
 from ocec.engine.batchnorm import adapt_batchnorm  # noqa: E402
@@ -68,8 +69,16 @@ def measure(data_root: Path, out: Path, seed: int, args) -> list[dict]:
             model.load_state_dict(state)
             started = time.perf_counter()
             if size:
-                cpu = torch.device("cpu")
-                adapt_batchnorm(model, data.get("train"), batch_size=args.batch_size, device=cpu, max_images=size, seed=seed)
+                gen = torch.Generator().manual_seed(seed)
+                adapt_batchnorm(
+                    model,
+                    data.get("train"),
+                    batch_size=args.batch_size,
+                    device=torch.device("cpu"),
+                    max_images=size,
+                    seed=seed,
+                    transform=None if args.augment == "none" else lambda x, g=gen: augment_batch(x, args.augment, g),
+                )
             seconds = time.perf_counter() - started
             model.eval()
             report, _ = evaluate_split(model, data.get("val"), batch_size=512, device=torch.device("cpu"))
@@ -96,6 +105,12 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--real", help="a real dataset to measure too, e.g. ../shared/data/real_eyes.parquet")
     parser.add_argument("--json", default="precise_bn.json")
+    parser.add_argument(
+        "--augment",
+        default="none",
+        choices=("none", "light", "default"),
+        help="augment the re-estimation images (the trainer uses its --augment, 'default'); none: plain images",
+    )
     args = parser.parse_args()
     logging.getLogger("ocec").setLevel(logging.WARNING)
     rows = []

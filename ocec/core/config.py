@@ -185,9 +185,9 @@ class TrainConfig:
     stage_warmup_epochs: float = 1.0
     unfreeze_from: str = "output"  # stages release backbone units from the output side, or the input side
     bn_adapt: bool = False  # re-estimate BatchNorm statistics on the training images after --pretrain loads
-    # images to re-estimate BatchNorm statistics on before each validation (0: off). 2000: measured by
-    # bench/precise_bn.py, val F1 at 0.5 no longer improves beyond 256-1000 images on two synthetic shifts, and
-    # real crops (558 train images) use them all; on 400k images it is 0.2% of an epoch's forward passes.
+    # images (augmented as in training) to re-estimate BatchNorm statistics on before each validation (0: off).
+    # 2000: measured by bench/precise_bn.py, val F1 at 0.5 no longer improves beyond 256-1000 images on two
+    # synthetic shifts, and real crops (558 train images) use them all; at 400k images it is ~0.2% of an epoch.
     precise_bn: int = 2000
     ema_decay: float | None = None  # keep an exponential moving average of the weights, validated and kept
     l2sp: float = 0.0  # pull the backbone towards the pretrained weights (instead of weight decay towards 0)

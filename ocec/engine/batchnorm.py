@@ -22,10 +22,12 @@ def adapt_batchnorm(
     max_images: int,
     seed: int,
     keep: frozenset[str] = frozenset(),
+    transform=None,
 ) -> int:
     """Re-estimate every BatchNorm's running statistics on up to `max_images` images of `split` (a seeded
     subset), without augmentation or gradients. Weights do not change; the BatchNorm modules named in `keep`
-    (frozen ones: frozen means frozen) keep their statistics. Returns the number of images.
+    (frozen ones: frozen means frozen) keep their statistics; `transform` (e.g. the training augmentation)
+    is applied to each batch first. Returns the number of images.
 
     The images go in batches of equal size (at most `batch_size`, sizes differing by one): a last batch of
     one image would stop BatchNorm1d ("expected more than 1 value per channel"), and the cumulative
@@ -36,6 +38,8 @@ def adapt_batchnorm(
     positions = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:count].sort().values
     chunks = torch.tensor_split(positions, -(-count // batch_size))
     batches = (to_float(split.take(chunk), device) for chunk in chunks)
+    if transform is not None:
+        batches = (transform(batch) for batch in batches)
     # By hand rather than torch.optim.swa_utils.update_bn, which puts every BatchNorm in train mode: a frozen
     # layer would then normalise with batch statistics while those after it are measured, not with the running
     # ones it uses at validation (measured: --recipe surgical, whose output half stays frozen, lost 0.03 F1).

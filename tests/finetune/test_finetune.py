@@ -15,6 +15,7 @@ from conftest import FIXTURES, TINY_TRAIN, checkpoint, config, history, only_run
 
 from ocec.data.synth import write_synthetic
 from ocec.core.config import ModelConfig
+from ocec.data.augment import augment_batch
 from ocec.data.dataset import load_dataset
 from ocec.engine.batchnorm import adapt_batchnorm
 from ocec.finetune.pretrained import choose_best, read_snapshot
@@ -372,7 +373,16 @@ def test_precise_bn_validates_and_saves_statistics_re_estimated_for_the_saved_we
     for module in model.modules():  # forget the saved statistics, keep the weights
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.reset_running_stats()
-    adapt_batchnorm(model, data.get("train"), batch_size=32, device=torch.device("cpu"), max_images=64, seed=5 + 2)
+    augment = torch.Generator().manual_seed(5 + 2)  # re-estimated on augmented images, as the weights trained on
+    adapt_batchnorm(
+        model,
+        data.get("train"),
+        batch_size=32,
+        device=torch.device("cpu"),
+        max_images=64,
+        seed=5 + 2,
+        transform=lambda x: augment_batch(x, "default", augment),
+    )
     after = {k: v for k, v in model.state_dict().items() if "running" in k}
     assert all(torch.allclose(before[k], after[k], atol=1e-5) for k in before)
     row = history(run)[1]
