@@ -22,6 +22,7 @@ from ..core.errors import Interrupted, UserError
 from ..core.fileio import to_jsonable
 from ..core.metrics import binary_report, is_defined
 from ..core.progress import fmt, progress, quiet
+from ..data import augment
 from ..data.augment import augment_batch
 from ..data.sampling import (
     AUGMENT_STREAM,
@@ -320,7 +321,7 @@ def precise_batchnorm(job: Job, model, epoch: int) -> tuple[int, float]:
             max_images=job.cfg.precise_bn,
             seed=job.cfg.seed + epoch,
             keep=frozen_batchnorm(job.learner.model),  # by the trained model's names: the EMA copy has the same
-            transform=lambda x: augment_batch(x, job.cfg.augment, augment_gen),
+            transform=lambda x: augment.augment_batch(x, job.cfg.augment, augment_gen),
         )
     return images, time.perf_counter() - started
 
