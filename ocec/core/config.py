@@ -111,6 +111,11 @@ class Stage:
     backbone_lr: float | None = None
 
 
+def format_stage(stage: Stage) -> str:
+    """Stage(11, 0.5, 3e-5) -> '11:0.5:3e-05', the form --stages reads back."""
+    return f"{stage.epoch}:{stage.fraction:g}" + (f":{stage.backbone_lr:g}" if stage.backbone_lr else "")
+
+
 def parse_stages(text: str) -> list[Stage]:
     """Parse '--stages' such as '1:0:1e-4,11:0.5:3e-5,40:1' (epoch:unfrozen_fraction[:backbone_lr])."""
     stages: list[Stage] = []

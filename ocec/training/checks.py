@@ -3,7 +3,7 @@ silently does nothing costs a user a training run to find out)."""
 
 from __future__ import annotations
 
-from ..core.config import TrainConfig
+from ..core.config import TrainConfig, format_stage
 
 
 def ineffective_settings(cfg: TrainConfig) -> list[str]:
@@ -17,7 +17,7 @@ def ineffective_settings(cfg: TrainConfig) -> list[str]:
         )
     late = [s for s in cfg.stages or [] if s.epoch > cfg.epochs]
     if late:
-        shown = ", ".join(f"{s.epoch}:{s.fraction:g}" + (f":{s.backbone_lr:g}" if s.backbone_lr else "") for s in late)
+        shown = ", ".join(format_stage(s) for s in late)
         notes.append(
             f"--stages: {len(late)} of {len(cfg.stages)} stages begin after the last epoch (--epochs {cfg.epochs}) "
             f"and never run: {shown}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
-from ..core.config import AUTO_HEAD, RECIPES, ModelConfig, Stage, TrainConfig
+from ..core.config import AUTO_HEAD, RECIPES, ModelConfig, Stage, TrainConfig, format_stage
 from ..core.errors import UserError
 
 # Settings that change what the weights mean: a pretrained checkpoint dictates them.
@@ -95,10 +95,7 @@ def settings_to_flags(settings: dict) -> list[str]:
         elif value is None:
             continue
         elif name == "stages":
-            flags += [
-                f"--{name}",
-                ",".join(f"{s.epoch}:{s.fraction:g}" + (f":{s.backbone_lr:g}" if s.backbone_lr else "") for s in value),
-            ]
+            flags += [f"--{name}", ",".join(format_stage(s) for s in value)]
         elif name == "image_size":
             flags += [f"--{name}", f"{value[0]}x{value[1]}"]
         elif isinstance(value, (list, tuple)):
