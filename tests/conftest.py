@@ -88,10 +88,13 @@ def only_run(output_dir: Path) -> Path:
     return runs[0]
 
 
-def history(run_dir: Path, drop=("seconds", "wall_seconds", "images_per_s", "precise_bn_seconds")) -> list[dict]:
-    """A run's history without its timings (which differ between identical runs)."""
+def history(
+    run_dir: Path, drop=("seconds", "wall_seconds", "images_per_s", "precise_bn_seconds"), start: bool = False
+) -> list[dict]:
+    """A run's trained epochs without their timings (which differ between identical runs); `start`: with the
+    epoch-0 row a --pretrain run writes for its starting weights."""
     rows = json.loads((Path(run_dir) / "history.json").read_text())
-    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows if start or r["epoch"] > 0]
 
 
 def summary(run_dir: Path) -> dict:

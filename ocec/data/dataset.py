@@ -126,12 +126,19 @@ def load_dataset(
     max_bad_fraction: float,
     flag: str = "--data_root",
     require_labels: bool = True,
+    verify: bool = True,
 ) -> Dataset:
     """Read, decode (or memory-map from the cache) and split a dataset: the 'split' column, else a seeded
     split by `ratios`. `flag` names the option the path came from, in log lines and errors."""
     name = flag.lstrip("-")
     decoded = load_decoded(
-        data_root, image_size, num_workers=num_workers, cache_dir=cache_dir, flag=flag, require_labels=require_labels
+        data_root,
+        image_size,
+        num_workers=num_workers,
+        cache_dir=cache_dir,
+        flag=flag,
+        require_labels=require_labels,
+        verify=verify,
     )
     rows = decoded.rows
     if rows.split_codes is not None:
@@ -188,14 +195,21 @@ class TrainingData:
     extra_val: Split | None = None
     extra_train: Split | None = None
 
+    def fingerprint(self) -> list:
+        """Rows and open labels of each split: equal on every machine that reads the same data."""
+        splits = (self.train, self.val, self.mix, self.extra_val, self.extra_train)
+        return [None if s is None else (len(s), int(s.labels.sum())) for s in splits]
 
-def load_training_data(cfg: TrainConfig, image_size: tuple[int, int]) -> TrainingData:
+
+def load_training_data(cfg: TrainConfig, image_size: tuple[int, int], verify_cache: bool = True) -> TrainingData:
+    """The splits a run trains and validates on (`verify_cache`: see load_decoded)."""
     common = dict(
         ratios=(cfg.train_ratio, cfg.val_ratio, cfg.test_ratio),
         seed=cfg.seed,
         num_workers=cfg.num_workers,
         cache_dir=cache_location(cfg.cache_dir, cfg.no_cache),
         max_bad_fraction=cfg.max_bad_fraction,
+        verify=verify_cache,
     )
 
     def split_of(root: str, flag: str, name: str) -> Split | None:

@@ -197,9 +197,11 @@ def load_decoded(
     cache_dir: Path | None,
     flag: str = "--data_root",
     require_labels: bool = True,
+    verify: bool = True,
 ) -> Decoded:
-    """The decoded dataset: a cache hit memory-maps it without reading any parquet column; a miss reads
-    and decodes (in `num_workers` processes) straight into a new cache entry (None: into RAM, no cache)."""
+    """The decoded dataset: a cache hit memory-maps it without reading any parquet column (and checks its
+    CRC-32 unless `verify` is False: another process on this machine checked it); a miss reads and decodes
+    (in `num_workers` processes) straight into a new cache entry (None: into RAM, no cache)."""
     if cache_dir is None:
         rows = read_rows(data_root, flag, require_labels)
         images = np.empty((len(rows), 3, *size), dtype=np.uint8)
@@ -209,7 +211,7 @@ def load_decoded(
             bad.update((r, f"{rows.where(r)}: {why}") for r, why in failures)
         return Decoded(images, rows, bad)
     entry = cache_dir / f"decoded-{cache_key(find_parquet_files(data_root, flag), size)}"
-    cached = _read_entry(entry, size)
+    cached = _read_entry(entry, size, verify)
     if cached is not None:
         log.info("decode cache hit: %s", entry)
         if require_labels and not cached.rows.labelled:

@@ -182,6 +182,12 @@ class CheckpointKeeper:
         self._prune(EPOCH_RE, self.keep_last)
         return path
 
+    def save_best(self, name: str, payload: dict) -> Path:
+        """A best checkpoint that has no epoch file (the --pretrain start, epoch 0)."""
+        path = save_checkpoint(self.run_dir / name, payload)
+        self._prune(BEST_RE, self.keep_best)
+        return path
+
     def copy_to_best(self, source: Path, name: str) -> Path:
         """The best checkpoint is a copy of an epoch checkpoint: serialised once, copied atomically."""
         epoch = int(BEST_RE.match(name).group(1))

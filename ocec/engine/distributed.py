@@ -37,6 +37,11 @@ class World:
         return self.rank == 0
 
     @property
+    def first_on_machine(self) -> bool:
+        """LOCAL_RANK 0: decodes (or verifies) its machine's cache, which other machines may not share."""
+        return self.local_rank == 0
+
+    @property
     def distributed(self) -> bool:
         return self.size > 1
 
@@ -99,6 +104,21 @@ def main_first(world: World, work: Callable, *, then_others: bool = True):
     if not world.main:
         result, error = _attempt(work)
     _stop_together(error, any(gather_objects(world, error is not None)))
+    return result
+
+
+def machine_first(world: World, work: Callable[[bool], object]):
+    """`work(first_on_machine)` in three turns: the main process; then the first process of every other
+    machine; then the rest. Each machine thus decodes its own cache once, as machines without a shared
+    filesystem need (with a shared one the second turn finds the main's entry and only verifies it), and
+    the other processes of a machine memory-map what their machine's first process wrote and checked.
+    A UserError in any turn stops every process, as in main_first."""
+    if not world.distributed:
+        return work(True)
+    result = None
+    for mine in (world.main, world.first_on_machine and not world.main, not world.first_on_machine):
+        result, error = _attempt(lambda: work(world.first_on_machine)) if mine else (result, None)
+        _stop_together(error, any(gather_objects(world, error is not None)))
     return result
 
 

@@ -126,7 +126,7 @@ def write_summary(run_dir: Path, history: list[dict], best: dict, *, epochs: int
             "final_train_f1": last.get("train_f1"),
             "best_val_fisher": max((r["val_fisher"] for r in history if is_defined(r.get("val_fisher"))), default=None),
             "epochs": epochs,
-            "epochs_completed": len(history),
+            "epochs_completed": sum(1 for r in history if r["epoch"] > 0),  # epoch 0: the --pretrain start
             "train_seconds": round(sum(r.get("seconds") or 0 for r in history), 2),
             "wall_seconds": round(sum(r.get("wall_seconds") or 0 for r in history), 2),
             "images_per_s": round(sum(rates) / len(rates), 1) if rates else None,

@@ -17,7 +17,16 @@ from ..core.version import __version__
 from ..data.dataset import TrainingData, load_training_data
 from ..data.sampling import TrainingPool, steps_per_epoch
 from ..engine.checkpoint import Best, CheckpointKeeper, RunRecord, training_payload
-from ..engine.distributed import ONE_PROCESS, World, average_buffers, main_first, sync_batchnorm
+from ..core.errors import PeerFailed
+from ..engine.distributed import (
+    ONE_PROCESS,
+    World,
+    average_buffers,
+    gather_objects,
+    machine_first,
+    main_first,
+    sync_batchnorm,
+)
 from ..engine.distributed import start as join_processes
 from ..engine.optim import Learner, describe_layer_decay
 from ..engine.reporting import Reporter, check_optional
@@ -79,6 +88,21 @@ class Job:
             )
 
 
+def check_same_data(world: World, data: TrainingData, cfg) -> None:
+    """Every machine reads its own copy of the data: a copy that differs would train each rank on other
+    rows under one seed's order. Refused on every process at once (the main one says why)."""
+    prints = gather_objects(world, data.fingerprint())
+    differs = [rank for rank, seen in enumerate(prints) if seen != prints[0]]
+    if differs and world.main:
+        raise UserError(
+            f"--data_root {cfg.data_root}: process {differs[0]} (another machine?) read other data "
+            f"(rows and open labels per split {prints[differs[0]]}, here {prints[0]}): "
+            "give every machine the same files"
+        )
+    if differs:
+        raise PeerFailed("the main process refused the data")
+
+
 def build_job(start: Start, world: World, attach_log, created: list) -> tuple[Job, int, dict | None]:
     """Everything a run needs -> (the job, the first epoch, an interrupted epoch's state or None)."""
     cfg, model_cfg = start.cfg, start.model_cfg
@@ -92,8 +116,10 @@ def build_job(start: Start, world: World, attach_log, created: list) -> tuple[Jo
         keep_freed_memory()
     folder, flag = (start.resume_path.parent, "--resume") if start.resume else (cfg.output_dir, "--output_dir")
     output_dir = main_first(world, lambda: check_writable(folder, flag, created=created), then_others=False)
-    # the main process reads, decodes and caches first; the others then memory-map its cache
-    data = main_first(world, lambda: load_training_data(cfg, model_cfg.image_size))
+    # the main process reads, decodes and caches first, then the first process of each other machine
+    # (its own cache, or a check of a shared one); the others then memory-map their machine's cache
+    data = machine_first(world, lambda first: load_training_data(cfg, model_cfg.image_size, verify_cache=first))
+    check_same_data(world, data, cfg)
     primary = [data.train] + ([data.extra_train] if data.extra_train is not None else [])
     steps = steps_per_epoch(sum(len(split) for split in primary), cfg.batch_size, world.size)
 

@@ -43,8 +43,10 @@ from ..engine.distributed import (
     barrier,
     gather_objects,
     local_batchnorm,
+    main_first,
     world_from_environment,
 )
+from ..engine.distributed import start as join_processes
 from ..engine.epoch import EpochState
 from ..engine.inference import eval_batch_size, evaluate_split
 from ..engine.optim import count_trainable_units, enter_epoch_stage, optimizer_step
@@ -65,7 +67,11 @@ def train(**settings) -> Path:
     world = world_from_environment()
     with quiet(not world.main), run_log() as attach_log, removed_if_left_empty() as created:
         try:
-            job, first_epoch, partial = build_job(plan_start(settings), world, attach_log, created)
+            # the main process alone reads --resume/--pretrain and hands the result to the others: another
+            # machine may not hold the file (and one that fails must not leave the others waiting)
+            join_processes(world, settings.get("device") or "auto")
+            start = main_first(world, lambda: plan_start(settings), then_others=False)
+            job, first_epoch, partial = build_job(start, world, attach_log, created)
             run_epochs(job, first_epoch, partial)
             job.learner.loss.distribute(ONE_PROCESS, job.device)  # DDP holds the process group: let it go first
             barrier(world)  # and no process leaves while another still talks to it (gloo aborted at exit)
@@ -81,6 +87,8 @@ def run_epochs(job: Job, first_epoch: int, partial: dict | None) -> None:
     cfg, learner, world = job.cfg, job.learner, job.world
     trainable = None
     with stop_signals() as stop, closing(job.reporter()) as reporter:
+        if job.record.pretrain is not None and not job.record.history and job.data.val is not None:
+            start_as_candidate(job)
         for epoch in range(first_epoch, cfg.epochs + 1):
             stage = enter_epoch_stage(
                 learner.model,
@@ -229,7 +237,7 @@ def end_epoch(job: Job, epoch: int, state: EpochState, *, seconds: float, starte
     row["trainable_backbone_units"] = count_trainable_units(job.learner.model)  # not the EMA copy
     if precise_bn is not None:
         row["precise_bn_seconds"] = round(precise_bn[1], 3)
-        if not record.history:  # once per run: what it does and costs
+        if all(r["epoch"] == 0 for r in record.history):  # once per run: what it does and costs
             log.info(
                 "precise BN: BatchNorm statistics re-estimated on %d training images before validating "
                 "(%.1fs, %.0f%% of the epoch; --precise_bn 0 turns it off)",
@@ -269,6 +277,36 @@ def end_epoch(job: Job, epoch: int, state: EpochState, *, seconds: float, starte
             cfg.min_lr,
             ", ".join(f"{g} {v:.2e}" for g, v in schedule.lrs().items()),
         )
+
+
+def start_as_candidate(job: Job) -> None:
+    """Epoch 0 of a --pretrain run: the starting weights (after --bn_adapt) validated and, as the first best
+    candidate, saved, so a run never ends with a best checkpoint worse than the model it started from."""
+    record, world = job.record, job.world
+    evaluate = dict(batch_size=eval_batch_size(job.cfg.batch_size, job.device), device=job.device, world=world)
+    model, metrics = job.learner.evaluated, {}
+    metrics["val"], _ = evaluate_split(model, job.data.val, amp_dtype=job.amp_dtype, **evaluate)
+    if job.data.extra_val is not None:
+        metrics["extra_val"], _ = evaluate_split(model, job.data.extra_val, amp_dtype=job.amp_dtype, **evaluate)
+    row = {"epoch": 0, **{f"{split}_{k}": v for split, values in metrics.items() for k, v in values.items()}}
+    record.history.append(to_jsonable(row))
+    score = row.get(record.best.metric)
+    f1, tiebreak = _defined(row["val_f1"]), _defined(row.get("val_best_f1"))
+    if record.best.improved_by(score, tiebreak):
+        name = best_name(0, f1) if record.best.metric.endswith("f1") else best_name(0, score, "loss")
+        record.best = Best(record.best.metric, float(score), f1, 0, str(job.run_dir / name), tiebreak)
+        if world.main:
+            threshold = _defined(metrics["val"]["best_threshold"])
+            job.keeper.save_best(name, job.payload(0, metrics=metrics, score=f1, threshold=threshold))
+    if world.main:
+        write_history(job.run_dir, record.history)
+    log.info(
+        "epoch 0 (the --pretrain start%s): val loss %s f1 %s auc %s: the first best candidate",
+        ", BatchNorm adapted" if job.cfg.bn_adapt else "",
+        fmt(row["val_loss"]),
+        fmt(row["val_f1"]),
+        fmt(row["val_roc_auc"], 3),
+    )
 
 
 def remember_sample_losses(job: Job, state: EpochState) -> None:

@@ -40,6 +40,23 @@ def test_pretrain_starts_a_fresh_run_with_the_checkpoint_architecture(finetune, 
     assert "pretrained tensors loaded: backbone" in result.out and "re-initialised: none" in result.out
 
 
+def test_the_pretrain_start_is_epoch_0_and_stays_best_when_training_wrecks_it(ocec, finetune, data_a, tmp_path):
+    # a learning rate of 30 wrecks the model in one epoch; the adapted start must remain the best checkpoint
+    result = finetune(1, "--lr", 30, "--backbone_lr", 30, "--head_lr", 30, "--margin_lr", 30, "--precise_bn", 0)
+    assert result.code == 0, result.err
+    run = only_run(tmp_path)
+    start, trained = history(run, start=True)
+    assert start["epoch"] == 0 and "train_loss" not in start and trained["val_f1"] < start["val_f1"]
+    assert "epoch 0 (the --pretrain start, BatchNorm adapted)" in result.out
+    info = summary(run)
+    assert info["best_epoch"] == 0 and info["epochs_completed"] == 1
+    best = Path(info["best_checkpoint"])
+    assert best.name == f"ocec_best_epoch0000_f1_{start['val_f1']:.4f}.pt"
+    out = tmp_path / "e.json"  # the saved start is what was validated
+    assert ocec("eval", "--checkpoint", best, "--data_root", data_a, "--json", out).code == 0
+    assert json.loads(out.read_text())["overall"]["f1"] == pytest.approx(start["val_f1"], abs=1e-6)
+
+
 def test_structural_mismatches_are_listed_and_stop_before_training(ocec, data_a, trained_run, tmp_path):
     args = ["--base_channels", 16, "--num_blocks", 2, "--image_size", "24x48", "--arch_variant", "convnext"]
     result = ocec("train", "--data_root", data_a, "--output_dir", tmp_path / "out", "--pretrain", trained_run, *args)
@@ -412,7 +429,7 @@ def test_the_val_optimal_threshold_is_stored_and_used_by_auto(ocec, finetune, da
     run = only_run(tmp_path)
     info = summary(run)
     best = checkpoint(Path(info["best_checkpoint"]))
-    row = history(run)[best["epoch"] - 1]
+    row = {r["epoch"]: r for r in history(run, start=True)}[best["epoch"]]
     assert best["threshold"] == pytest.approx(row["val_best_threshold"]) and 0 < best["threshold"] < 1
     out = tmp_path / "e.json"
     result = ocec("eval", "--checkpoint", run, "--data_root", data_a, "--threshold", "auto", "--json", out)
