@@ -74,6 +74,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         heartbeat=args.heartbeat,
         plot=args.plot,
         fixed_settings=given,
+        final_run=bool(args.final_epochs),
     )
     print(format_leaderboard(result))
     print(f"leaderboard: {Path(output_dir) / 'leaderboard.csv'} and .json")
@@ -85,7 +86,9 @@ def run_sweep(args: argparse.Namespace) -> int:
         return 1
     print(f"best: trial {best['trial']}, val F1 {best['best_f1']:.4f} at epoch {best['best_epoch']}; its command:")
     print(best["command"])
-    if args.final_epochs:
+    if args.final_epochs and not result["final_claimed"]:
+        print(f"final run: another sweep process of this study trains trial {best['trial']} (one is enough)")
+    elif args.final_epochs:
         command = shlex.split(best["command"])
         command = [
             sys.executable,

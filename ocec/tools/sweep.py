@@ -16,18 +16,17 @@ import logging
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import UserError
 from ..core.progress import progress
-from .sweep_space import default_trials, load_space, suggest, trial_flags, trial_recipe
+from .sweep_space import load_space, suggest, trial_flags, trial_recipe
+from .sweep_study import claim_final_run, enqueue_defaults, open_study, resumable_retry
 
 log = logging.getLogger("ocec")
 
@@ -114,7 +113,10 @@ def run_sweep(
     heartbeat: int,
     plot: bool,
     fixed_settings: dict | None = None,
+    final_run: bool = False,
 ) -> dict:
+    """Run up to `trials` trials of the study; -> the leaderboard (with `final_run`: and whether this
+    process claimed the final training of the best trial, see claim_final_run)."""
     optuna = require_optuna()
     fixed_settings = fixed_settings or {}
     folder = Path(output_dir).expanduser()
@@ -140,9 +142,16 @@ def run_sweep(
                 command = trial_command(fixed, params, pretrain, trial_folder, device, fixed_settings)
                 trial.set_user_attr("command", shlex.join(command))
                 trial.set_user_attr("recipe", trial_recipe(params, pretrain, fixed_settings))
+                resumed = resumable_retry(optuna, study, trial, folder)
+                if resumed is not None:  # a trial of a killed sweep, re-queued: continue its checkpoint
+                    trial_folder = resumed.parent.parent  # trial_NNNN of the killed trial (resumed: .../vK/*.pt)
+                    command = ["python", "-m", "ocec", "train", "--resume", str(resumed)]
+                    command += ["--device", device] if device else []
+                    trial.set_user_attr("resumed", str(resumed))
+                    log.info("sweep: trial %d continues %s", trial.number, resumed)
                 trial_folder.mkdir(parents=True, exist_ok=True)
                 # stderr to a file, not a pipe: a pipe read only at the end fills up (64 KB) and blocks a chatty trial
-                with open(trial_folder / "stderr.log", "wb") as errors:
+                with open(trial_folder / "stderr.log", "ab" if resumed else "wb") as errors:
                     process = subprocess.Popen(
                         [sys.executable, "-c", DIE_WITH_PARENT, *command[1:]],
                         stdout=subprocess.DEVNULL,
@@ -151,6 +160,7 @@ def run_sweep(
                         env={**os.environ, "PYTHONUNBUFFERED": "1"},
                     )
                 running.append(Running(trial, process, trial_folder, command, time.time(), device=device))
+                running[-1].reported = len(_history(trial_folder)) if resumed else 0  # inherited by the retry
                 launched += 1
             if stop["requested"] > 1:
                 for r in running:
@@ -172,6 +182,8 @@ def run_sweep(
         signal.signal(signal.SIGINT, previous)
         bar.close()
     result = leaderboard(study, folder)
+    if final_run and result["best"] is not None:
+        result["final_claimed"] = claim_final_run(optuna, store, study_name, result["best"]["trial"])
     if plot:
         result["plots"] = write_plots(optuna, study, folder)
     return result
@@ -232,70 +244,6 @@ def _best_value(study) -> str:
         return "-"
 
 
-# --- the study ------------------------------------------------------------------------------------
-
-
-def open_study(optuna, folder: Path, storage: str | None, name: str, pruner: str, seed: int, heartbeat: int):
-    url = storage or f"sqlite:///{(folder / 'sweep.db').resolve()}"
-    if url.startswith(("sqlite:", "postgresql", "mysql")):
-        for attempt in range(5):  # sweeps started together race to create a new database's tables
-            try:
-                store = optuna.storages.RDBStorage(
-                    url,
-                    engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None,
-                    heartbeat_interval=heartbeat or None,
-                    grace_period=2 * heartbeat if heartbeat else None,
-                )
-                break
-            except Exception as exc:  # noqa: BLE001 - sqlalchemy's errors, or a URL that does not connect
-                racing = "already exists" in str(exc) or type(exc).__name__ == "IntegrityError"  # tables / version row
-                if attempt == 4 or not racing:
-                    raise UserError(f"--storage {url}: cannot open it ({str(exc).splitlines()[0][:200]})") from None
-                time.sleep(0.5 + attempt)
-    elif url.startswith("journal:"):  # a journal file on a shared filesystem: journal:/shared/sweep.log
-        journal = Path(url[len("journal:") :]).expanduser()
-        if not journal.parent.is_dir():
-            raise UserError(f"--storage {url}: the folder {journal.parent} does not exist")
-        try:
-            store = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-        except OSError as exc:
-            raise UserError(f"--storage {url}: cannot open it ({exc.strerror or exc})") from None
-    else:
-        raise UserError(f"--storage {url}: expected sqlite:///PATH, postgresql://..., mysql://... or journal:PATH")
-    pruners = {
-        "median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
-        "hyperband": optuna.pruners.HyperbandPruner(min_resource=1),
-        "none": optuna.pruners.NopPruner(),
-    }
-    # Each process gets its own sampler seed (--seed mixed with host and pid): processes sharing a study, and
-    # reruns that continue it, draw new parameters instead of repeating each other's (Optuna's advice for
-    # parallel workers); constant_liar makes TPE treat running trials as taken. Every trial's command is
-    # recorded, so each trial reproduces; the order of draws across processes does not.
-    salt = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
-    sampler = optuna.samplers.TPESampler(seed=(seed * 1_000_003 + salt) % 2**32, constant_liar=True)
-    settings = dict(study_name=name, storage=store, sampler=sampler, pruner=pruners[pruner])
-    try:
-        try:  # exactly one process creates a study (the storage refuses a second): that one queues the defaults
-            study, created = optuna.create_study(direction="maximize", **settings), True
-        except optuna.exceptions.DuplicatedStudyError:
-            study, created = optuna.load_study(**settings), False
-    except Exception as exc:  # noqa: BLE001 - a storage URL that does not connect is the user's to fix
-        raise UserError(f"--storage {url}: cannot open the study ({str(exc).splitlines()[0][:200]})") from None
-    if heartbeat and hasattr(store, "record_heartbeat"):  # trials of a sweep that was killed: failed, not counted
-        fail = (optuna.trial.TrialState.FAIL,)
-        before = len(study.get_trials(deepcopy=False, states=fail))
-        optuna.storages.fail_stale_trials(study)
-        if len(study.get_trials(deepcopy=False, states=fail)) > before:
-            log.warning("sweep: trial(s) of a stopped sweep marked failed")
-    return study, store, created
-
-
-def enqueue_defaults(study, space: dict, pretrain: list[str]) -> None:
-    """The defaults go first, once per study (called by the process that created it)."""
-    for params in default_trials(space, pretrain):
-        study.enqueue_trial(params, skip_if_exists=True)
-
-
 # --- results --------------------------------------------------------------------------------------
 
 
@@ -315,6 +263,7 @@ def leaderboard(study, folder: Path) -> dict:
                 "run_dir": attrs.get("run_dir"),
                 "command": attrs.get("command"),
                 "error": attrs.get("error"),
+                "resumed": attrs.get("resumed"),  # the checkpoint of a killed sweep's trial it continued
             }
         )
     rows.sort(key=lambda r: (r["state"] != "complete", -(r["best_f1"] or -1), r["trial"]))

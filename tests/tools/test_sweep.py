@@ -142,17 +142,36 @@ def test_flags_the_user_fixed_are_what_every_trial_runs(data_b, trained_run, tmp
         assert train["backbone_lr"] == pytest.approx(1e-3 * r["backbone_lr_ratio"], rel=1e-5)  # searched, applied
 
 
-def test_a_killed_sweep_loses_only_its_running_trial(data_b, trained_run, tmp_path):
+def test_a_killed_sweeps_trial_is_queued_again_and_continues_its_checkpoint(data_b, trained_run, tmp_path):
     args = ["--data_root", data_b, "--pretrain", trained_run, "--output_dir", tmp_path, *SWEEP, "--heartbeat", 1]
-    proc = _start(*args, "--trials", 2, "--batch_size", 4)
-    _wait_for(tmp_path / "trial_0000" / "v1" / "config.json")
-    proc.send_signal(signal.SIGKILL)
+    proc = _start(*args, "--trials", 2, "--batch_size", 4, "--epochs", 4)
+    _wait_for(tmp_path / "trial_0000" / "v1" / "ocec_epoch_0001.pt")
+    proc.send_signal(signal.SIGKILL)  # its trial gets SIGTERM and saves a resumable checkpoint
     proc.wait(timeout=60)
     time.sleep(3)  # the trial's heartbeat goes stale (2 x 1 s)
-    result = _sweep(*args, "--trials", 1)
+    result = _sweep(*args, "--trials", 2)  # trial 1, the queued scratch default, then the retry
     assert result.returncode == 0, result.stderr
-    states = {r["trial"]: r["state"] for r in _board(tmp_path)}
-    assert states[0] == "fail" and list(states.values()).count("complete") == 1
+    board = {r["trial"]: r for r in _board(tmp_path)}
+    assert [board[t]["state"] for t in range(3)] == ["fail", "complete", "complete"], board
+    # Optuna's RetryFailedTrialCallback queued trial 0 again with its parameters; the retry continued its run
+    searched = [k for k in board[0] if k not in ("trial", "state", "best_f1", "best_epoch", "seconds", "error")]
+    assert {k: board[2][k] for k in searched if k not in ("command", "run_dir", "resumed")} == {
+        k: board[0][k] for k in searched if k not in ("command", "run_dir", "resumed")
+    }
+    run = tmp_path / "trial_0000" / "v1"
+    assert Path(board[2]["resumed"]).parent == run and Path(board[2]["run_dir"]) == run
+    assert [r["epoch"] for r in json.loads((run / "history.json").read_text()) if r["epoch"]] == [1, 2, 3, 4]
+    assert not (tmp_path / "trial_0002").exists()
+
+
+def test_one_process_of_a_shared_study_claims_the_final_run(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    from ocec.tools.sweep_study import claim_final_run
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    machines = [optuna.storages.RDBStorage(url) for _ in range(2)]  # two sweep processes, one storage
+    assert [claim_final_run(optuna, store, "eyes", 7) for store in machines] == [True, False]
+    assert claim_final_run(optuna, machines[1], "eyes", 9)  # a new best trial later: a new final run
 
 
 @pytest.mark.parametrize(
