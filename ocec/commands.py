@@ -246,4 +246,12 @@ def run_export(args: argparse.Namespace) -> int:
                 "ocec export: error: the ONNX model's logits differ from PyTorch beyond the tolerance", file=sys.stderr
             )
             return 1
+    if "opencv_passed" in report:
+        if report.get("opencv_error"):
+            print(f"OpenCV {report['opencv']} DNN cannot run it: {report['opencv_error']}")
+        else:
+            print(
+                f"OpenCV {report['opencv']} DNN vs PyTorch: max |prob_open difference| "
+                f"{report['opencv_max_abs_diff']:.2e}" + ("" if report["opencv_passed"] else " (beyond the tolerance)")
+            )
     return 0

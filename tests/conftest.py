@@ -82,6 +82,16 @@ def run_subprocess(*args, timeout=240, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
+def torchrun(*args, processes: int = 2, **kwargs) -> subprocess.Popen | subprocess.CompletedProcess:
+    """`ocec train ARGS` under torchrun, `processes` processes on this machine (CPU, gloo)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    command += ["-m", "ocec", "train", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if kwargs.pop("background", False):
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, **kwargs)
+
+
 def only_run(output_dir: Path) -> Path:
     runs = sorted(p for p in Path(output_dir).iterdir() if p.is_dir() and re.fullmatch(r"v\d+", p.name))
     assert len(runs) == 1, runs

@@ -33,7 +33,7 @@ def adapt_batchnorm(
     one image would stop BatchNorm1d ("expected more than 1 value per channel"), and the cumulative
     average weighs every batch alike, so equal batches weigh every image alike. One image: nothing to do."""
     count = min(len(split), max_images)
-    if count < 2:
+    if count < 2 or not has_batchnorm(model):  # a LayerNorm model (convnext + a token-mixer head): nothing to do
         return 0
     positions = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:count].sort().values
     chunks = torch.tensor_split(positions, -(-count // batch_size))
@@ -64,6 +64,10 @@ def adapt_batchnorm(
         norms[name].num_batches_tracked.copy_(steps)
     model.train(was_training)
     return count
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def frozen_batchnorm(model: nn.Module) -> frozenset[str]:

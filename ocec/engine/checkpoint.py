@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.config import ModelConfig, TrainConfig
+from ..core.config import ModelConfig, TrainConfig, upgrade_model_config
 from ..core.errors import UserError
 from ..core.fileio import atomic_write, to_jsonable
 from ..core.metrics import is_defined
@@ -25,7 +25,8 @@ from ..core.version import __version__
 
 log = logging.getLogger("ocec")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: architectures named as upstream's (format 1 files are upgraded when read)
+READABLE_FORMATS = (1, 2)
 EPOCH_RE = re.compile(r"^ocec_epoch_(\d{4,})\.pt$")
 BEST_RE = re.compile(r"^ocec_best_epoch(\d{4,})_(f1|loss)_(\d+\.\d+)\.pt$")
 INTERRUPTED_NAME = "ocec_interrupted.pt"
@@ -70,6 +71,9 @@ def load_file(path: str | Path, flag: str = "--pretrain") -> dict:
         ) from None
     if not isinstance(data, dict):
         raise UserError(f"{flag} {path}: not an ocec checkpoint (holds a {type(data).__name__}, not a dict)")
+    if data.get("ocec_format") in READABLE_FORMATS and isinstance(data.get("model_config"), dict):
+        data["model_config"] = upgrade_model_config(data["model_config"], data["ocec_format"])
+        data["ocec_format"] = FORMAT_VERSION
     return data
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.config import ModelConfig
+from ..core.config import ModelConfig, upgrade_model_config
 from ..core.errors import UserError
 from ..core.fileio import TMP_PREFIX, to_jsonable
 from ..core.metrics import is_defined
@@ -95,7 +95,8 @@ def _read_safetensors(path: Path, flag: str) -> Snapshot:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
             state = {k: handle.get_tensor(k) for k in handle.keys()}
-        cfg = ModelConfig.from_dict(json.loads(meta["ocec_model_config"])).validate()
+        written = json.loads(meta["ocec_model_config"])
+        cfg = ModelConfig.from_dict(upgrade_model_config(written, int(meta.get("ocec_format", 1)))).validate()
         metrics = json.loads(meta.get("ocec_metrics", "{}"))
     except (SafetensorError, OSError, KeyError, ValueError, TypeError, UserError) as exc:
         raise UserError(f"{flag} {path}: not an ocec safetensors file ({str(exc).splitlines()[0][:160]})") from None

@@ -21,7 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..core.progress import fmt
 from ..data.dataset import Split
-from ..engine.batchnorm import BN_ADAPT_IMAGES, adapt_batchnorm
+from ..engine.batchnorm import BN_ADAPT_IMAGES, adapt_batchnorm, has_batchnorm
 from ..engine.distributed import ONE_PROCESS, World
 from ..engine.inference import eval_batch_size, evaluate_split
 from ..models.model import OcecModel
@@ -47,6 +47,17 @@ def zero_shot_report(
     if val is not None:
         before, _ = evaluate_split(model, val, **evaluate)
         report["before"] = {k: before[k] for k in ("f1", "roc_auc", "loss")}
+    if not has_batchnorm(model):  # convnext with a token-mixer head normalises with LayerNorm only
+        report["bn_adapt_images"] = 0
+        if val is not None:
+            b = report["before"]
+            log.info(
+                "zero-shot on the val split: F1 %s ROC-AUC %s | no BatchNorm adaptation: this model has no "
+                "BatchNorm layers (LayerNorm normalises each image by itself)",
+                fmt(b["f1"]),
+                fmt(b["roc_auc"], 3),
+            )
+        return report
     target = model if adapt else copy.deepcopy(model)
     images = adapt_batchnorm(target, train, batch_size=batch_size, device=device, max_images=BN_ADAPT_IMAGES, seed=seed)
     report["bn_adapt_images"] = images

@@ -63,6 +63,28 @@ class CosineMarginHead(nn.Module):
         with torch.no_grad():
             self.weight.copy_(torch.stack([-direction, direction]))
 
+    def inference_form(self) -> nn.Module:
+        """The margin-free logit with the class weights folded into one constant direction (for export):
+        s * (cos_open - cos_closed) = <e / |e|, s * (w_open / |w_open| - w_closed / |w_closed|)>."""
+        w = F.normalize(self.weight.detach().float(), dim=-1)
+        return CosineLogit(self.scale * (w[1] - w[0]))
+
+
+class CosineLogit(nn.Module):
+    """What CosineMarginHead.logit computes, in ops OpenCV DNN reads (ReduceL2, Div, MatMul): it cannot read
+    F.normalize of a constant, nor the clamp of the cosines (which only removes rounding past +-1)."""
+
+    def __init__(self, direction: torch.Tensor):
+        super().__init__()
+        self.register_buffer("direction", direction.reshape(1, -1))
+
+    def logit(self, embedding: torch.Tensor) -> torch.Tensor:
+        e = embedding if embedding.dtype == torch.float32 else embedding.float()  # no Cast node in fp32 graphs
+        # ReduceL2 and squeeze: OpenCV 4.14 DNN fails on the same function written as Mul/ReduceSum/Sqrt or
+        # ended by Reshape(-1) (measured on a baseline+cosface export)
+        unit = e / (torch.linalg.vector_norm(e, dim=-1, keepdim=True) + 1e-12)
+        return F.linear(unit, self.direction).squeeze(-1)
+
 
 class CosFace(CosineMarginHead):
     """cos(theta) - m on the target class."""

@@ -13,15 +13,23 @@ import re
 from ..core.config import ModelConfig
 from ..core.errors import UserError
 
-# (pattern, replacement) applied to upstream state-dict names; the first match wins.
-KEY_MAP: dict[str, list[tuple[str, str]]] = {
-    "baseline": [
-        (r"^stem\.", "backbone.stem."),
-        (r"^features\.", "backbone.features."),
+# (pattern, replacement) applied to upstream state-dict names; the first match wins. The backbones have
+# upstream's layout; each head's final Linear(-> 1) is our margin_head.fc (margin method none).
+BACKBONE_MAP = [(r"^stem\.", "backbone.stem."), (r"^features\.", "backbone.features.")]
+HEAD_MAP: dict[str, list[tuple[str, str]]] = {
+    "avg": [
         (r"^head\.0\.", "head.norm."),  # BatchNorm1d after global average pooling
         (r"^head\.2\.", "margin_head.fc."),  # Linear(C -> 1): the one-logit classifier
-    ]
+    ],
+    "avgmax_mlp": [
+        (r"^head\.0\.", "head.norm."),
+        (r"^head\.2\.", "head.fc."),
+        (r"^head\.[45]\.", "margin_head.fc."),  # 4 without dropout, 5 after the second dropout
+    ],
+    "transformer": [(r"^head\.fc\.", "margin_head.fc."), (r"^head\.(mixer|final_norm)\.", r"head.\1.")],
+    "mlp_mixer": [(r"^head\.fc\.", "margin_head.fc."), (r"^head\.(mixer|final_norm)\.", r"head.\1.")],
 }
+UPSTREAM_ARCHS = ("baseline", "inverted_se", "convnext")
 UPSTREAM_AUTO_HEAD = {"baseline": "avg", "inverted_se": "avgmax_mlp", "convnext": "transformer"}
 
 
@@ -32,16 +40,19 @@ def is_upstream_checkpoint(ckpt: dict) -> bool:
 def convert_upstream(ckpt: dict, source: str) -> tuple[ModelConfig, dict, dict]:
     """-> (our ModelConfig, renamed state dict, metrics) for an upstream checkpoint."""
     up_cfg = ckpt.get("model_config") or {}
-    arch = up_cfg.get("arch_variant", "baseline")
-    if arch not in KEY_MAP:
+    arch = str(up_cfg.get("arch_variant") or "baseline").lower()
+    if arch not in UPSTREAM_ARCHS:
         raise UserError(
             f"{source}: upstream checkpoints with arch_variant={arch!r} cannot be imported "
-            f"(supported: {', '.join(KEY_MAP)})"
+            f"(supported: {', '.join(UPSTREAM_ARCHS)})"
         )
-    head = up_cfg.get("head_variant", "auto")
+    head = str(up_cfg.get("head_variant") or "auto").lower()
     head = UPSTREAM_AUTO_HEAD[arch] if head == "auto" else head
-    if head != "avg":
-        raise UserError(f"{source}: upstream head_variant={head!r} cannot be imported (supported: avg)")
+    if head not in HEAD_MAP:
+        raise UserError(
+            f"{source}: upstream head_variant={head!r} cannot be imported (supported: {', '.join(HEAD_MAP)})"
+        )
+    grid = up_cfg.get("token_mixer_grid") or (3, 2)  # upstream's fallback for a missing grid
     norm = ckpt.get("normalization") or {}
     train_cfg = ckpt.get("train_config") or {}
     image_size = norm.get("image_size") or train_cfg.get("image_size")
@@ -59,11 +70,13 @@ def convert_upstream(ckpt: dict, source: str) -> tuple[ModelConfig, dict, dict]:
         std=tuple(norm.get("std", (1.0, 1.0, 1.0))),
         expansion=int(up_cfg.get("expansion", 4)),
         se_reduction=int(up_cfg.get("se_reduction", 8)),
+        token_mixer_grid=(int(grid[0]), int(grid[1])),
+        token_mixer_layers=max(1, int(up_cfg.get("token_mixer_layers", 2))),
     )
     state = {}
     unmapped = []
     for name, tensor in ckpt["model_state"].items():
-        new = rename(name, KEY_MAP[arch])
+        new = rename(name, BACKBONE_MAP + HEAD_MAP[head])
         if new is None:
             unmapped.append(name)
         else:

@@ -90,6 +90,8 @@ def export_onnx(
         raise UserError("ONNX export needs the onnx package: pip install 'ocec[onnx]'") from None
     model = model.cpu().eval()
     folded, pairs = fold_batchnorm(model)
+    if hasattr(folded.margin_head, "inference_form"):  # a cosine margin head: one constant direction
+        folded.margin_head = folded.margin_head.inference_form()
     wrapper = Deployed(folded, threshold).eval()
     h, w = model.config.image_size
     dummy = torch.rand(2, 3, h, w)
@@ -135,7 +137,27 @@ def export_onnx(
             check_images=len(batch),
             passed=bool((diff <= CHECK_TOLERANCE * (1 + reference.abs())).all()),
         )
+        report.update(opencv_check(path, batch, torch.sigmoid(reference)))
     return report
+
+
+def opencv_check(path: Path, batch: torch.Tensor, reference_prob: torch.Tensor) -> dict:
+    """Deployers also run the file in OpenCV's DNN module: with opencv-python(-headless) installed, read it
+    there and compare `prob_open` with PyTorch's. {} without OpenCV."""
+    try:
+        import cv2
+    except ImportError:
+        return {}
+    try:
+        net = cv2.dnn.readNetFromONNX(str(path))
+        net.setInput(batch.numpy(), "images")
+        prob = torch.from_numpy(net.forward("prob_open").reshape(-1).copy())
+    except cv2.error as exc:
+        message = str(exc).strip().splitlines()[-1][:200]
+        log.warning("OpenCV %s cannot run the exported graph: %s", cv2.__version__, message)
+        return {"opencv": cv2.__version__, "opencv_passed": False, "opencv_error": message}
+    diff = float((prob - reference_prob).abs().max())
+    return {"opencv": cv2.__version__, "opencv_max_abs_diff": diff, "opencv_passed": diff <= CHECK_TOLERANCE}
 
 
 def export_safetensors(snap: Snapshot, output: str | Path) -> dict:

@@ -17,6 +17,7 @@ from ..core.config import (
     PLATEAU_METRICS,
     RECIPES,
     UNFREEZE_SIDES,
+    parse_grid,
     parse_image_size,
     parse_stages,
 )
@@ -72,8 +73,19 @@ def add_train_flags(p) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--arch_variant", choices=ARCH_VARIANTS, help="backbone")
     g.add_argument(
-        "--head_variant", choices=HEAD_VARIANTS, help="embedding head (auto: avg for baseline, else avgmax_mlp)"
+        "--head_variant",
+        choices=HEAD_VARIANTS,
+        help="embedding head (auto, as upstream: avg for baseline, avgmax_mlp for inverted_se, "
+        "transformer for convnext)",
     )
+    g.add_argument(
+        "--token_mixer_grid",
+        type=argument_type(parse_grid),
+        metavar="HxW",
+        help="transformer/mlp_mixer heads: the last feature map is pooled onto HxW tokens; it must divide it "
+        "(default 2x3)",
+    )
+    g.add_argument("--token_mixer_layers", type=int, help="transformer/mlp_mixer heads: layers (default 2)")
     g.add_argument("--base_channels", type=int, help="channels after the stem")
     g.add_argument("--num_blocks", type=int, help="backbone blocks")
     g.add_argument("--dropout", type=float, help="dropout in the head")

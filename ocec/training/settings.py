@@ -10,7 +10,17 @@ from ..core.config import AUTO_HEAD, RECIPES, ModelConfig, Stage, TrainConfig, f
 from ..core.errors import UserError
 
 # Settings that change what the weights mean: a pretrained checkpoint dictates them.
-STRUCTURAL_FIELDS = ("arch_variant", "base_channels", "num_blocks", "head_variant", "image_size", "mean", "std")
+STRUCTURAL_FIELDS = (
+    "arch_variant",
+    "base_channels",
+    "num_blocks",
+    "head_variant",
+    "image_size",
+    "mean",
+    "std",
+    "token_mixer_grid",
+    "token_mixer_layers",
+)
 # Flags that may change when a run is resumed (where data lives, how to run it, how long); everything
 # that shapes the training itself comes from the checkpoint.
 RESUME_OVERRIDABLE = (
@@ -96,7 +106,7 @@ def settings_to_flags(settings: dict) -> list[str]:
             continue
         elif name == "stages":
             flags += [f"--{name}", ",".join(format_stage(s) for s in value)]
-        elif name == "image_size":
+        elif name in ("image_size", "token_mixer_grid"):
             flags += [f"--{name}", f"{value[0]}x{value[1]}"]
         elif isinstance(value, (list, tuple)):
             flags += [f"--{name}", *map(str, value)]

@@ -237,7 +237,9 @@ def end_epoch(job: Job, epoch: int, state: EpochState, *, seconds: float, starte
     row["trainable_backbone_units"] = count_trainable_units(job.learner.model)  # not the EMA copy
     if precise_bn is not None:
         row["precise_bn_seconds"] = round(precise_bn[1], 3)
-        if all(r["epoch"] == 0 for r in record.history):  # once per run: what it does and costs
+        if all(r["epoch"] == 0 for r in record.history) and not precise_bn[0]:
+            log.info("precise BN: nothing to re-estimate (the model has no BatchNorm layers)")
+        elif all(r["epoch"] == 0 for r in record.history):  # once per run: what it does and costs
             log.info(
                 "precise BN: BatchNorm statistics re-estimated on %d training images before validating "
                 "(%.1fs, %.0f%% of the epoch; --precise_bn 0 turns it off)",

@@ -4,10 +4,7 @@ same weights as one process with the same global batch."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY, checkpoint, config, history, only_run
+from conftest import TINY, checkpoint, config, history, only_run, torchrun
 
 from ocec.data.sampling import steps_per_epoch
 from ocec.data.synth import write_synthetic
@@ -28,15 +25,6 @@ EXACT = [*TINY, "--augment", "none", "--dropout", "0", "--balance", "none", "--s
 # Float32 sums run in another order (the gradient all-reduce, BatchNorm statistics summed per rank);
 # 8 steps leave differences of about 1e-6 in weights of magnitude up to 8.
 WEIGHT_TOLERANCE = 1e-4
-
-
-def torchrun(*args, processes: int = 2, **kwargs) -> subprocess.Popen | subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    command += ["-m", "ocec", "train", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if kwargs.pop("background", False):
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import FIXTURES
 
-from ocec.core.config import ARCH_VARIANTS, ModelConfig
+from ocec.core.config import ARCH_VARIANTS, HEAD_VARIANTS, ModelConfig
 from ocec.finetune.pretrained import read_snapshot
 from ocec.models.model import block_plan, build_model, parameter_group_of
 
@@ -23,7 +23,7 @@ def _separable_batch(n=32, size=(16, 32)):
 
 
 @pytest.mark.parametrize(
-    "arch,head,margin", list(itertools.product(ARCH_VARIANTS, ("avg", "avgmax_mlp"), ("none", "cosface", "arcface")))
+    "arch,head,margin", list(itertools.product(ARCH_VARIANTS, HEAD_VARIANTS[1:], ("none", "cosface", "arcface")))
 )
 def test_every_combination_trains_and_its_loss_goes_down(arch, head, margin):
     """A statistical check kept in CI with a wide margin: over 5 initialisation seeds, 1 and 2 threads and
@@ -37,6 +37,7 @@ def test_every_combination_trains_and_its_loss_goes_down(arch, head, margin):
         num_blocks=3,
         image_size=(16, 32),
         margin_m=0.2,
+        token_mixer_grid=(2, 2),  # divides every backbone's last map here (4x8, convnext 2x4)
     )
     model = build_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -57,7 +58,9 @@ def test_every_combination_trains_and_its_loss_goes_down(arch, head, margin):
 
 def test_parameter_names_tell_the_groups_apart():
     for arch in ARCH_VARIANTS:
-        model = build_model(ModelConfig(arch_variant=arch, base_channels=8, image_size=(16, 32)))
+        model = build_model(
+            ModelConfig(arch_variant=arch, base_channels=8, image_size=(16, 32), token_mixer_grid=(2, 2))
+        )
         prefixes = {name.split(".")[0] for name, _ in model.named_parameters()}
         assert prefixes == {"backbone", "head", "margin_head"}
         assert model.backbone.unit_names() == ["stem", "features.0", "features.1", "features.2", "features.3"]
@@ -84,9 +87,11 @@ def test_upstream_checkpoint_reproduces_the_golden_logits():
 
 def test_head_variants_differ_and_auto_follows_the_backbone():
     def head(arch, variant):
-        return type(build_model(ModelConfig(arch_variant=arch, head_variant=variant, base_channels=8)).head).__name__
+        cfg = ModelConfig(arch_variant=arch, head_variant=variant, base_channels=8, token_mixer_grid=(2, 4))
+        return type(build_model(cfg).head).__name__
 
-    assert head("baseline", "auto") == "AvgHead" and head("convnext", "auto") == "AvgMaxMLPHead"
+    assert head("baseline", "auto") == "AvgHead" and head("inverted_se", "auto") == "AvgMaxMLPHead"
+    assert head("convnext", "auto") == "TokenMixerHead" and head("convnext_v1", "auto") == "AvgMaxMLPHead"
     assert head("baseline", "avgmax_mlp") == "AvgMaxMLPHead" and head("inverted_se", "avg") == "AvgHead"
 
 
