@@ -4,6 +4,7 @@ against the compute limit, measured in one run on the same data. A benchmark, no
     python bench/bench_train.py                          # 50,000 rows, CPU, batch 256 and 1024
     python bench/bench_train.py --rows 400000 --data /tmp/b400
     python bench/bench_train.py --device cuda --batch_sizes 1024,4096,8192
+    python bench/bench_train.py --architectures         # a row per architecture: parameters, img/s
 
 Each measurement runs in its own process (clean peak RSS, no warm caches carried over):
   synth         `ocec synth --style b --shards 8` of --rows (skipped with an existing --data folder)
@@ -224,6 +225,77 @@ def phase_compute(args) -> dict:
     return {"images_per_s": _images_per_s(step, args, device)}
 
 
+# Every architecture upstream's trainer builds, at its default size (base 32, 4 blocks, 32x64): what capacity
+# costs. convnext's transformer head needs a grid that divides its 4x8 map (upstream's README uses 2x4).
+ARCHITECTURES = {
+    "baseline/avg": {},
+    "baseline/avgmax_mlp": {"head_variant": "avgmax_mlp"},
+    "inverted_se/avg": {"arch_variant": "inverted_se", "head_variant": "avg"},
+    "inverted_se/avgmax_mlp": {"arch_variant": "inverted_se", "head_variant": "avgmax_mlp"},
+    "convnext/avg": {"arch_variant": "convnext", "head_variant": "avg"},
+    "convnext/transformer": {"arch_variant": "convnext", "head_variant": "transformer", "token_mixer_grid": (2, 4)},
+    "convnext/mlp_mixer": {"arch_variant": "convnext", "head_variant": "mlp_mixer", "token_mixer_grid": (2, 4)},
+    "baseline/transformer": {"head_variant": "transformer", "token_mixer_grid": (2, 4)},
+}
+
+
+def phase_architecture(args) -> dict:
+    """One architecture (--arch): parameters, training images/s on a resident batch (forward + backward +
+    fused AdamW) and inference images/s (eval, no gradients), on --device."""
+    import torch
+
+    from ocec.core.config import ModelConfig
+    from ocec.engine.optim import build_optimizer
+    from ocec.engine.runtime import keep_freed_memory
+    from ocec.models.model import build_model
+
+    device = torch.device(_device(args.device))
+    if device.type == "cpu":
+        keep_freed_memory()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**ARCHITECTURES[args.arch])).to(device, memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, {"backbone": 1e-3, "head": 1e-3, "margin_head": 1e-3}, 1e-4)
+    x = torch.rand(args.batch_size, 3, *SIZE, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (args.batch_size,), device=device)
+
+    def train_step():
+        loss, _ = model.margin_head.training_loss(model.embed(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def infer_step():
+        with torch.inference_mode():
+            model(x)
+
+    train = _images_per_s(train_step, args, device)
+    model.eval()
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_images_per_s": train,
+        "infer_images_per_s": _images_per_s(infer_step, args, device),
+    }
+
+
+def architecture_table(args) -> str:
+    """A row per architecture, each measured in its own process; ratios against baseline/avg of this run."""
+    rows = {name: child("architecture", args, arch=name) for name in ARCHITECTURES}
+    base = rows["baseline/avg"]
+    lines = [
+        f"architectures at 32x64, base 32, 4 blocks, batch {args.batch_size}, {_device(args.device)}:",
+        f"{'architecture':<24}{'parameters':>11}{'train img/s':>13}{'x baseline':>11}"
+        f"{'infer img/s':>13}{'x baseline':>11}",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"{name:<24}{r['parameters']:>11,}{r['train_images_per_s']:>13,.0f}"
+            f"{r['train_images_per_s'] / base['train_images_per_s']:>11.2f}{r['infer_images_per_s']:>13,.0f}"
+            f"{r['infer_images_per_s'] / base['infer_images_per_s']:>11.2f}"
+        )
+    Path(args.json).write_text(json.dumps({"architectures": rows, "batch_size": args.batch_size}, indent=1))
+    return "\n".join(lines)
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -265,7 +337,12 @@ def _rss_parts() -> dict:
     return parts
 
 
-PHASES = {"ocec": phase_ocec, "conventional": phase_conventional, "compute": phase_compute}
+PHASES = {
+    "ocec": phase_ocec,
+    "conventional": phase_conventional,
+    "compute": phase_compute,
+    "architecture": phase_architecture,
+}
 
 
 # --- the driver -------------------------------------------------------------------------------------
@@ -275,7 +352,7 @@ def child(phase: str, args, **overrides) -> dict:
     """Run one phase in a fresh process; returns its measurements (and its wall time)."""
     values = {**vars(args), **overrides}
     argv = [sys.executable, __file__, "--phase", phase]
-    for key in ("data", "cache", "device", "batch_size", "workers", "steps", "warmup", "tuned_step"):
+    for key in ("data", "cache", "device", "batch_size", "workers", "steps", "warmup", "tuned_step", "arch"):
         argv += [f"--{key}", str(values[key])]
     tic = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -312,12 +389,19 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=256, help=argparse.SUPPRESS)
     parser.add_argument("--tuned_step", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--report", metavar="JSON", help="print the table of an earlier run's JSON and exit")
+    parser.add_argument(
+        "--architectures", action="store_true", help="instead: a row per architecture (parameters, img/s)"
+    )
+    parser.add_argument("--arch", default="baseline/avg", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.report:
         print(report(json.loads(Path(args.report).read_text())))
         return
     if args.phase:  # a child: measure one thing, print it as JSON
         print(json.dumps(PHASES[args.phase](args)))
+        return
+    if args.architectures:
+        print(architecture_table(args))
         return
 
     workdir = Path(tempfile.mkdtemp(prefix="ocec-bench-"))

@@ -146,6 +146,26 @@ def _add_sweep(sub) -> None:
     p.set_defaults(handler=commands.run_sweep)
 
 
+def _add_audit(sub) -> None:
+    p = sub.add_parser(
+        "audit",
+        help="find wrong labels: K-fold out-of-fold predictions ranked by cleanlab (needs ocec[audit])",
+        formatter_class=HelpFormatter,
+        argument_default=argparse.SUPPRESS,
+        description="Each fold is an `ocec train` run (with the train flags you give) on the other folds; its "
+        "best checkpoint predicts the held-out fold. Writes OUTPUT_DIR/label_issues.csv, summary.json and "
+        "suspects.png; re-running the command continues a killed audit. Act on it with train --exclude.",
+    )
+    g = p.add_argument_group("audit")
+    g.add_argument(
+        "--folds", type=int, default=5, help="K: every labelled row is predicted by a model that never saw it"
+    )
+    g.add_argument("--n_jobs", type=int, default=1, help="folds trained at once, one process each")
+    g.add_argument("--devices", default=None, help="devices for the folds, in turn: e.g. cuda:0,cuda:1")
+    add_train_flags(p)
+    p.set_defaults(handler=commands.run_audit)
+
+
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a synthetic eye-crop parquet dataset", formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="output folder (dataset.parquet, or part-NNN.parquet shards)")
@@ -155,6 +175,12 @@ def _add_synth(sub) -> None:
     p.add_argument("--shards", type=int, default=1, help="number of parquet files")
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="processes that render images")
     p.add_argument("--no_split", action="store_true", help="omit the split column (ocec then makes a seeded split)")
+    p.add_argument(
+        "--label_noise",
+        type=float,
+        default=0.0,
+        help="flip this share of the labels (the truth goes to a true_class_id column training never reads)",
+    )
     p.add_argument(
         "--image_files",
         action="store_true",
@@ -206,6 +232,11 @@ def _add_eval(sub) -> None:
     p.add_argument("--threshold", type=_threshold, default=0.5, help=THRESHOLD_HELP)
     _inference_flags(p)
     p.add_argument("--json", metavar="OUT", help="also write the full report as JSON")
+    p.add_argument(
+        "--gallery",
+        metavar="OUT.png",
+        help="a picture of the most confident false positives and negatives, with the per-source table",
+    )
     p.set_defaults(handler=commands.run_eval)
 
 
@@ -283,6 +314,7 @@ def build_parser() -> Parser:
     for add in (
         _add_train,
         _add_sweep,
+        _add_audit,
         _add_synth,
         _add_demo,
         _add_eval,

@@ -103,6 +103,46 @@ def run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_audit(args: argparse.Namespace) -> int:
+    from .tools.audit import require_cleanlab
+    from .tools.audit import run_audit as audit
+    from .training.settings import settings_to_flags
+
+    require_cleanlab()
+    audit_only = ("folds", "n_jobs", "devices")
+    given = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS and k not in audit_only}
+    for name in ("data_root", "output_dir"):
+        if name not in given:
+            raise UserError(f"--{name} is required for an audit")
+    for name in ("resume", "split_codes", "exclude", "relabel"):
+        if name in given:
+            raise UserError(f"--{name}: an audit trains its own folds on every labelled row; it takes no --{name}")
+    if args.folds < 2 or args.n_jobs < 1:
+        raise UserError(f"--folds must be >= 2 and --n_jobs >= 1, got {args.folds} and {args.n_jobs}")
+    data_root, output_dir = given.pop("data_root"), given.pop("output_dir")
+    summary = audit(
+        data_root=data_root,
+        output_dir=output_dir,
+        folds=args.folds,
+        n_jobs=args.n_jobs,
+        devices=args.devices.split(",") if args.devices else [],
+        train_flags=settings_to_flags(given),
+        seed=given.get("seed", 42),
+        cache_dir=given.get("cache_dir"),
+        no_cache=given.get("no_cache", False),
+        batch_size=given.get("batch_size", 256),
+    )
+    print(
+        f"audit: {summary['flagged']} of {summary['rows_audited']} labels flagged "
+        f"({summary['estimated_wrong_share']:.1%}); "
+        + ", ".join(f"{c} {v['flagged']}/{v['rows']}" for c, v in summary["per_class"].items())
+    )
+    out = Path(output_dir)
+    print(f"ranked: {out / 'label_issues.csv'}; summary: {out / 'summary.json'}; pictures: {summary['suspects']}")
+    print(f"train without them: ocec train --data_root {data_root} --exclude {out / 'label_issues.csv'} ...")
+    return 0
+
+
 def run_synth(args: argparse.Namespace) -> int:
     from .data.synth import write_synthetic
 
@@ -119,8 +159,11 @@ def run_synth(args: argparse.Namespace) -> int:
         with_split=not args.no_split,
         embed_bytes=not args.image_files,
         num_workers=args.num_workers,
+        label_noise=args.label_noise,
     )
     print(f"wrote {args.rows} style-{args.style} images to {', '.join(str(p) for p in paths)}")
+    if args.label_noise:
+        print(f"about {args.label_noise:.0%} of the labels are flipped on purpose; the truth is in true_class_id")
     return 0
 
 
@@ -162,9 +205,16 @@ def run_eval(args: argparse.Namespace) -> int:
     from .tools.evaluate import evaluate_checkpoint, format_eval
 
     result = evaluate_checkpoint(
-        args.checkpoint, args.data_root, split=args.split, threshold=args.threshold, **_data_options(args)
+        args.checkpoint,
+        args.data_root,
+        split=args.split,
+        threshold=args.threshold,
+        gallery=args.gallery,
+        **_data_options(args),
     )
     print(format_eval(result))
+    if args.gallery:
+        print(f"gallery of the most confident mistakes: {result['gallery']}")
     if args.json:
         write_json_atomic(args.json, result)
         print(f"report: {args.json}")

@@ -14,22 +14,19 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 
+from .architecture import (  # noqa: F401 - re-exported: the flags and the model read them here
+    ARCH_VARIANTS,
+    AUTO_HEAD,
+    HEAD_VARIANTS,
+    TOKEN_MIXER_HEADS,
+    check_feature_map,
+    feature_map_size,
+    parse_grid,
+    upgrade_model_config,
+)
 from .errors import UserError
 
-# baseline, inverted_se and convnext are the upstream trainer's (PINTO0309/OCEC) layer for layer, so its
-# checkpoints of every architecture load. The *_v1 variants are what ocec 0.x built under those names
-# (ReLU inverted residuals; a stride-2 ConvNeXt stem): kept so checkpoints written then still load.
-ARCH_VARIANTS = ("baseline", "inverted_se", "convnext", "inverted_se_v1", "convnext_v1")
-HEAD_VARIANTS = ("auto", "avg", "avgmax_mlp", "transformer", "mlp_mixer")
-TOKEN_MIXER_HEADS = ("transformer", "mlp_mixer")
 MARGIN_METHODS = ("none", "arcface", "cosface")
-AUTO_HEAD = {  # as upstream
-    "baseline": "avg",
-    "inverted_se": "avgmax_mlp",
-    "convnext": "transformer",
-    "inverted_se_v1": "avgmax_mlp",
-    "convnext_v1": "avgmax_mlp",
-}
 MARGIN_DEFAULTS = {"cosface": (8.0, 0.35), "arcface": (8.0, 0.2), "none": (8.0, 0.0)}  # (scale s, margin m)
 PLATEAU_METRICS = ("val_loss", "val_f1")
 AUGMENT_LEVELS = ("none", "light", "default")  # strengths in augment.py
@@ -38,51 +35,6 @@ RECIPES = ("full", "lp-ft", "surgical", "progressive")
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
 BALANCE_MODES = ("none", "pos_weight", "sampler")
 MARGIN_INITS = ("auto", "random", "from_linear")
-
-
-def parse_grid(text: str, flag: str = "--token_mixer_grid") -> tuple[int, int]:
-    """'2x3' -> (2, 3) (rows x columns of the token grid)."""
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
-    if not match or min(int(match.group(1)), int(match.group(2))) < 1:
-        raise UserError(f"{flag}: expected HxW such as 2x3, got {text!r}")
-    return int(match.group(1)), int(match.group(2))
-
-
-def feature_map_size(arch: str, image_size: tuple[int, int], num_blocks: int) -> tuple[int, int]:
-    """The backbone's last feature map (height, width) for an input size, by the layers' arithmetic: the
-    3x3/stride-2/pad-1 convolutions halve rounding up, ConvNeXt's 4x4/stride-4 stem and 2x2 downsamplers
-    divide rounding down (convnext_v1's stem: 4x4, stride 2, pad 1)."""
-    downsamples = sum(1 for i in range(num_blocks) if i > 0 and i % 2 == 0)
-    size = []
-    for side in image_size:
-        if arch == "convnext":
-            side //= 4
-            for _ in range(downsamples):
-                side //= 2
-        elif arch == "convnext_v1":
-            side //= 2
-            for _ in range(downsamples):
-                side //= 2
-        else:
-            for _ in range(1 + downsamples):
-                side = -(-side // 2)
-        size.append(side)
-    return size[0], size[1]
-
-
-def upgrade_model_config(data: dict, checkpoint_format: int) -> dict:
-    """A model_config as written by an older checkpoint format, in today's terms. Format 1 (ocec 0.x) gave
-    its own networks the names inverted_se and convnext, which now mean upstream's: they become *_v1; its
-    avgmax_mlp head was as wide as the feature channels (now max(16, channels))."""
-    if checkpoint_format >= 2:
-        return data
-    out = dict(data)
-    if out.get("arch_variant") in ("inverted_se", "convnext"):
-        out["arch_variant"] += "_v1"
-    if out.get("head_variant") == "avgmax_mlp" and out.get("mlp_hidden") is None:
-        blocks = int(out.get("num_blocks", 4))
-        out["mlp_hidden"] = int(out.get("base_channels", 32)) * 2 ** sum(1 for i in range(blocks) if i and i % 2 == 0)
-    return out
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
@@ -146,27 +98,15 @@ class ModelConfig:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise UserError(f"normalisation needs 3 means and 3 positive stds, got mean={self.mean} std={self.std}")
         parse_image_size(f"{self.image_size[0]}x{self.image_size[1]}")
-        self.check_feature_map()
+        check_feature_map(
+            self.arch_variant,
+            self.image_size,
+            self.num_blocks,
+            self.resolved_head,
+            self.token_mixer_grid,
+            self.token_mixer_layers,
+        )
         return self
-
-    def check_feature_map(self) -> None:
-        """Refuse, before anything is built, an input the backbone shrinks to nothing or a token grid that
-        does not divide the last feature map (naming the grids that would)."""
-        fh, fw = feature_map_size(self.arch_variant, self.image_size, self.num_blocks)
-        size = f"{self.image_size[0]}x{self.image_size[1]}"
-        if fh < 1 or fw < 1:
-            raise UserError(f"--image_size {size} is too small for --arch_variant {self.arch_variant}")
-        if self.resolved_head not in TOKEN_MIXER_HEADS:
-            return
-        if not 1 <= self.token_mixer_layers <= 16:
-            raise UserError(f"--token_mixer_layers must be between 1 and 16, got {self.token_mixer_layers}")
-        gh, gw = self.token_mixer_grid
-        if gh < 1 or gw < 1 or fh % gh or fw % gw:
-            works = [f"{a}x{b}" for a in range(1, fh + 1) if fh % a == 0 for b in range(1, fw + 1) if fw % b == 0]
-            raise UserError(
-                f"--token_mixer_grid {gh}x{gw} does not divide the {fh}x{fw} feature map of a {self.arch_variant} "
-                f"backbone at --image_size {size} with {self.num_blocks} blocks; grids that do: {', '.join(works)}"
-            )
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -283,6 +223,10 @@ class TrainConfig:
     mix_ratio: float = 0.0
     extra_val_root: str | None = None
     extra_train_root: str | None = None  # its train split is added to every epoch (e.g. pseudo-labelled rows)
+    exclude: str | None = None  # rows of --data_root to drop, by image_path (e.g. ocec audit's label_issues.csv)
+    exclude_top: int | None = None  # only the first N rows --exclude lists (by its rank column)
+    relabel: str | None = None  # rows of --data_root whose label is flipped, by image_path
+    split_codes: str | None = None  # a .npy of per-row split codes replacing the split column (ocec audit)
     save_diagnostics: bool = False
     tensorboard: bool = False
 
@@ -308,6 +252,8 @@ class TrainConfig:
             )
         if not self.data_root and not self.resume:
             raise UserError("--data_root is required (unless --resume)")
+        if self.exclude_top is not None and (self.exclude_top < 1 or not self.exclude):
+            raise UserError(f"--exclude_top must be >= 1 and needs --exclude FILE, got {self.exclude_top}")
         if self.epochs < 1:
             raise UserError(f"--epochs must be a positive integer, got {self.epochs}")
         if self.batch_size < 2:

@@ -19,6 +19,7 @@ import torch
 from ..core.config import TrainConfig
 from ..core.errors import UserError
 from .decode import cache_location, load_decoded
+from .edits import RowEdits, apply_edits
 from .parquet import SPLIT_ALIASES, SPLITS
 
 log = logging.getLogger("ocec")
@@ -127,6 +128,7 @@ def load_dataset(
     flag: str = "--data_root",
     require_labels: bool = True,
     verify: bool = True,
+    edits: RowEdits | None = None,
 ) -> Dataset:
     """Read, decode (or memory-map from the cache) and split a dataset: the 'split' column, else a seeded
     split by `ratios`. `flag` names the option the path came from, in log lines and errors."""
@@ -155,6 +157,9 @@ def load_dataset(
         raise UserError(
             f"{flag} {data_root}: no row has a split of train/val/test (aliases: {', '.join(sorted(SPLIT_ALIASES))})"
         )
+    row_labels = rows.labels
+    if edits is not None:  # --exclude / --relabel / --split_codes (ocec audit's folds)
+        codes, row_labels = apply_edits(edits, str(data_root), codes, rows.labels, SPLITS)
     used = codes >= 0
     bad_used = [r for r in sorted(decoded.bad) if used[r]]
     if bad_used:
@@ -172,7 +177,7 @@ def load_dataset(
     dataset = Dataset(skipped_bad=len(bad_used), skipped_split=unknown)
     for code, split_name in enumerate(SPLITS):
         idx = np.flatnonzero(ok & (codes == code))
-        labels = torch.from_numpy(rows.labels[idx])
+        labels = torch.from_numpy(row_labels[idx])
         dataset.splits[split_name] = Split(split_name, images, torch.from_numpy(idx), labels, rows.sources(idx))
     labelled = bool((rows.labels >= 0).all())
     counts = ", ".join(
@@ -215,7 +220,7 @@ def load_training_data(cfg: TrainConfig, image_size: tuple[int, int], verify_cac
     def split_of(root: str, flag: str, name: str) -> Split | None:
         return load_dataset(root, image_size, flag=flag, **common).get(name)
 
-    data = load_dataset(cfg.data_root, image_size, **common)
+    data = load_dataset(cfg.data_root, image_size, edits=RowEdits.from_config(cfg), **common)
     train = data.get("train")
     if train is None:
         raise UserError(f"--data_root {cfg.data_root}: the train split is empty")

@@ -162,9 +162,18 @@ class Plan:
     labels: np.ndarray
     who: np.ndarray
     splits: np.ndarray | None
+    given: np.ndarray | None = None  # the labels written, when some are wrong on purpose (--label_noise)
 
 
-def plan(rows: int, seed: int, style: str, with_split: bool, subjects: int = 24, open_fraction: float = 0.5) -> Plan:
+def plan(
+    rows: int,
+    seed: int,
+    style: str,
+    with_split: bool,
+    subjects: int = 24,
+    open_fraction: float = 0.5,
+    label_noise: float = 0.0,
+) -> Plan:
     if style not in STYLES:
         raise UserError(f"--style must be one of {', '.join(STYLES)}, got {style!r}")
     if rows < 1:
@@ -175,7 +184,13 @@ def plan(rows: int, seed: int, style: str, with_split: bool, subjects: int = 24,
     who = rng.integers(len(people), size=rows)
     names, shares = np.array(list(SPLIT_SHARES)), list(SPLIT_SHARES.values())
     splits = rng.choice(names, size=rows, p=shares) if with_split else None
-    return Plan(style, seed, people, labels, who, splits)
+    if not 0.0 <= label_noise < 0.5:
+        raise UserError(f"--label_noise must be in [0, 0.5), got {label_noise}")
+    given = None
+    if label_noise:  # its own stream: the images are those of the same data without noise
+        flips = np.random.default_rng([seed, STYLES.index(style), 2]).random(rows) < label_noise
+        given = np.where(flips, 1 - labels, labels)
+    return Plan(style, seed, people, labels, who, splits, given)
 
 
 def render_chunk(task: tuple) -> list[bytes]:
@@ -196,7 +211,8 @@ def _batch(spec: Plan, start: int, pngs: list[bytes], embed_bytes: bool, image_d
             (image_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             (image_dir / rel).write_bytes(png)
     columns = {} if spec.splits is None else {"split": pa.array(spec.splits[start : start + len(pngs)].tolist())}
-    labels = spec.labels[start : start + len(pngs)]
+    truth = spec.labels[start : start + len(pngs)]
+    labels = truth if spec.given is None else spec.given[start : start + len(pngs)]
     columns.update(
         label=pa.array(["open" if v else "closed" for v in labels]),
         class_id=pa.array(labels, pa.int64()),
@@ -204,6 +220,8 @@ def _batch(spec: Plan, start: int, pngs: list[bytes], embed_bytes: bool, image_d
         source=pa.array([f"synth_{spec.style}_subject{w:03d}" for w in spec.who[start : start + len(pngs)]]),
         image_bytes=pa.array(pngs if embed_bytes else [None] * len(pngs), pa.binary()),
     )
+    if spec.given is not None:  # the truth, in a column training never reads
+        columns["true_class_id"] = pa.array(truth, pa.int64())
     return pa.RecordBatch.from_pydict(columns)
 
 

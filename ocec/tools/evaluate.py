@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..core.config import TrainConfig
 from ..core.errors import UserError
+from .gallery import error_gallery, save_png
 from ..core.fileio import to_jsonable
 from ..core.metrics import fisher_ratio, full_report
 from ..data.dataset import Split, load_dataset
@@ -72,6 +73,7 @@ def evaluate_checkpoint(
     max_bad_fraction: float,
     split_settings: dict | None = None,
     loaded: dict | None = None,
+    gallery: str | None = None,
 ) -> dict:
     """Metrics of the best of `checkpoint` on one split of `data_root`. Data without a 'split' column is
     split as the checkpoint's run split it, unless `split_settings` (ratios, seed) says otherwise.
@@ -94,7 +96,15 @@ def evaluate_checkpoint(
         )
     data = loaded[key]
     logits, embeddings = predict_split(model, data, batch_size=batch_size, device=dev)
-    return report_predictions(snap, data, logits, embeddings, resolve_threshold(threshold, snap))
+    result = report_predictions(snap, data, logits, embeddings, resolve_threshold(threshold, snap))
+    if gallery:
+        crops = data.images[data.rows].numpy()
+        probs = torch.sigmoid(logits).numpy()
+        picture = error_gallery(
+            crops, data.labels.numpy(), probs, result["overall"]["threshold"], result.get("per_source")
+        )
+        result["gallery"] = str(save_png(picture, gallery))
+    return result
 
 
 def report_predictions(

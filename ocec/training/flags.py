@@ -66,6 +66,15 @@ def add_train_flags(p) -> None:
         help="add this dataset's train split to every epoch (e.g. the output of ocec pseudo-label)",
     )
     g.add_argument(
+        "--exclude",
+        metavar="FILE",
+        help="drop the rows this CSV (an image_path column, e.g. ocec audit's label_issues.csv) or text file "
+        "(one image_path per line) lists, from every split of --data_root",
+    )
+    g.add_argument("--exclude_top", type=int, metavar="N", help="only the N highest-ranked rows --exclude lists")
+    g.add_argument("--relabel", metavar="FILE", help="flip the labels of the rows this file lists (as --exclude)")
+    g.add_argument("--split_codes", metavar="NPY", help=argparse.SUPPRESS)  # ocec audit's folds
+    g.add_argument(
         "--extra_val_root",
         help="also evaluate this dataset's val split each epoch (logged as extra_val_f1; not used for selection)",
     )
