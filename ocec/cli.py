@@ -166,6 +166,24 @@ def _add_audit(sub) -> None:
     p.set_defaults(handler=commands.run_audit)
 
 
+def _add_soup(sub) -> None:
+    p = sub.add_parser(
+        "soup",
+        help="average runs fine-tuned from one A (uniform or greedy), the last K epochs of a run, or WiSE-FT",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_CKPT", help="the ingredients: run folders or checkpoints")
+    p.add_argument("--data_root", required=True, help="B: BatchNorm re-estimated on its train split, judged on val")
+    p.add_argument("--output_dir", required=True, help="where the soup checkpoint and soup.json go")
+    p.add_argument("--method", choices=("greedy", "uniform"), default="greedy", help="which ingredients to keep")
+    p.add_argument("--last", type=_positive_int, metavar="K", help="average the last K epoch checkpoints of one run")
+    p.add_argument("--wise_ft", metavar="A", help="interpolate this checkpoint (model A) and the soup, alpha 0..1")
+    p.add_argument("--data_root_a", help="with --wise_ft: also report A's val F1 at each alpha")
+    _inference_flags(p, data=False)
+    p.add_argument("--cache_dir", help="decoded-image cache (default: $OCEC_CACHE_DIR or ~/.cache/ocec)")
+    p.set_defaults(handler=commands.run_soup)
+
+
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a synthetic eye-crop parquet dataset", formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="output folder (dataset.parquet, or part-NNN.parquet shards)")
@@ -315,6 +333,7 @@ def build_parser() -> Parser:
         _add_train,
         _add_sweep,
         _add_audit,
+        _add_soup,
         _add_synth,
         _add_demo,
         _add_eval,

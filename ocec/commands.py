@@ -143,6 +143,35 @@ def run_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_soup(args: argparse.Namespace) -> int:
+    from .tools.soup import make_soup
+
+    if args.data_root_a and not args.wise_ft:
+        raise UserError("--data_root_a reports A's F1 along the WiSE-FT path: it needs --wise_ft A")
+    result = make_soup(
+        args.runs,
+        data_root=args.data_root,
+        output_dir=args.output_dir,
+        method=args.method,
+        last=args.last,
+        wise_ft=args.wise_ft,
+        data_root_a=args.data_root_a,
+        device=args.device,
+        batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
+    )
+    means = [i["val_f1"] for i in result["ingredients"]]
+    print(
+        f"soup ({result['method']}): val F1 {result['val_f1']:.4f} "
+        f"(ingredients {min(means):.4f}..{max(means):.4f}, {len(result['kept']) or len(means)} kept)"
+        + (f", WiSE-FT alpha {result['alpha']:.1f}" if "alpha" in result else "")
+    )
+    if "test_f1" in result:
+        print(f"test F1 {result['test_f1']:.4f} (mean of the ingredients {result['ingredients_mean_test_f1']:.4f})")
+    print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
 def run_synth(args: argparse.Namespace) -> int:
     from .data.synth import write_synthetic
 

@@ -99,7 +99,9 @@ def only_run(output_dir: Path) -> Path:
 
 
 def history(
-    run_dir: Path, drop=("seconds", "wall_seconds", "images_per_s", "precise_bn_seconds"), start: bool = False
+    run_dir: Path,
+    drop=("seconds", "wall_seconds", "images_per_s", "precise_bn_seconds", "teacher_seconds"),
+    start: bool = False,
 ) -> list[dict]:
     """A run's trained epochs without their timings (which differ between identical runs); `start`: with the
     epoch-0 row a --pretrain run writes for its starting weights."""

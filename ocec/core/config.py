@@ -223,6 +223,9 @@ class TrainConfig:
     mix_ratio: float = 0.0
     extra_val_root: str | None = None
     extra_train_root: str | None = None  # its train split is added to every epoch (e.g. pseudo-labelled rows)
+    teacher: list[str] = field(default_factory=list)  # distillation: checkpoints/runs whose logits are averaged
+    kd_alpha: float = 0.5  # weight of the distillation term (the margin loss gets 1 - kd_alpha)
+    kd_temperature: float = 2.0
     exclude: str | None = None  # rows of --data_root to drop, by image_path (e.g. ocec audit's label_issues.csv)
     exclude_top: int | None = None  # only the first N rows --exclude lists (by its rank column)
     relabel: str | None = None  # rows of --data_root whose label is flipped, by image_path
@@ -232,6 +235,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.pretrain = [str(p) for p in (self.pretrain or [])]
+        self.teacher = [str(p) for p in (self.teacher or [])]
         if isinstance(self.stages, str):
             self.stages = parse_stages(self.stages)
 
@@ -252,6 +256,10 @@ class TrainConfig:
             )
         if not self.data_root and not self.resume:
             raise UserError("--data_root is required (unless --resume)")
+        if not 0.0 < self.kd_alpha <= 1.0 or not self.kd_temperature > 0:
+            raise UserError(
+                f"--kd_alpha must be in (0, 1] and --kd_temperature > 0, got {self.kd_alpha}, {self.kd_temperature}"
+            )
         if self.exclude_top is not None and (self.exclude_top < 1 or not self.exclude):
             raise UserError(f"--exclude_top must be >= 1 and needs --exclude FILE, got {self.exclude_top}")
         if self.epochs < 1:

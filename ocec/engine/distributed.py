@@ -291,12 +291,20 @@ class TrainStep(nn.Module):
     """The training forward (embedding -> margin loss) as one module, so DistributedDataParallel can wrap it:
     DDP synchronises gradients only for computations that run through its forward."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, kd_alpha: float = 0.0, kd_temperature: float = 1.0):
         super().__init__()
-        self.model = model
+        self.model, self.kd_alpha, self.kd_temperature = model, kd_alpha, kd_temperature
 
-    def forward(self, x, y, class_weight):
-        return self.model.margin_head.training_loss(self.model.embed(x), y, class_weight)
+    def forward(self, x, y, class_weight, teacher_logit=None):
+        embedding = self.model.embed(x)
+        loss, logit = self.model.margin_head.training_loss(embedding, y, class_weight)
+        if teacher_logit is None:
+            return loss, logit
+        # --teacher: the soft target on the margin-free logit (finetune/distill.py says why this form)
+        t = self.kd_temperature
+        student = self.model.margin_head.logit(embedding).float() / t
+        soft = nn.functional.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher_logit / t)) * t * t
+        return (1.0 - self.kd_alpha) * loss + self.kd_alpha * soft, logit
 
 
 # Buffers (BatchNorm statistics) are averaged once per epoch (average_buffers), not broadcast before every

@@ -297,8 +297,8 @@ class TrainingLoss:
     trainable parameters change); with `compile`, torch.compile'd, and where that fails (no compiler, an
     unsupported backend) it says so in one line and runs eagerly."""
 
-    def __init__(self, model: OcecModel, compile: bool = False):
-        self.step = TrainStep(model)
+    def __init__(self, model: OcecModel, compile: bool = False, kd_alpha: float = 0.0, kd_temperature: float = 1.0):
+        self.step = TrainStep(model, kd_alpha, kd_temperature)
         self.runner: nn.Module = self.step
         self.compiled = torch.compile(self.runner) if compile else None
 
@@ -309,18 +309,18 @@ class TrainingLoss:
             self.runner = runner
             self.compiled = torch.compile(runner) if self.compiled is not None else None
 
-    def eager(self, x: torch.Tensor, y: torch.Tensor, class_weight: torch.Tensor | None):
-        return self.runner(x, y, class_weight)
+    def eager(self, x: torch.Tensor, y: torch.Tensor, class_weight: torch.Tensor | None, teacher_logit=None):
+        return self.runner(x, y, class_weight, teacher_logit)
 
-    def __call__(self, x, y, class_weight):
+    def __call__(self, x, y, class_weight, teacher_logit=None):
         if self.compiled is not None:
             try:
-                return self.compiled(x, y, class_weight)
+                return self.compiled(x, y, class_weight, teacher_logit)
             except Exception as exc:  # noqa: BLE001 - any backend failure: fall back, the loss is the same
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                 log.warning("--compile: cannot compile on this machine (%s); training without it", first)
                 self.compiled = None
-        return self.eager(x, y, class_weight)
+        return self.eager(x, y, class_weight, teacher_logit)
 
 
 @dataclass
@@ -363,7 +363,8 @@ class Learner:
             cfg.min_lr,
         )
         scaler = grad_scaler(device, amp_dtype(device, cfg.use_amp))
-        return cls(model, optimizer, schedule, scaler, TrainingLoss(model, cfg.compile))
+        loss = TrainingLoss(model, cfg.compile, cfg.kd_alpha if cfg.teacher else 0.0, cfg.kd_temperature)
+        return cls(model, optimizer, schedule, scaler, loss)
 
     def state_dict(self) -> dict:
         """`model_state` holds the training weights; `ema_state`, when present, the averaged ones that

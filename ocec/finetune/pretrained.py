@@ -42,6 +42,7 @@ class Snapshot:
     history: list = field(default_factory=list)
     pretrain: dict | None = None  # what that run started from
     threshold: float | None = None  # the F1-optimal probability threshold on that run's val split
+    label_map: dict | None = None  # {0: 'closed', 1: 'open'} as the checkpoint records it
 
 
 def read_snapshot(path: str | Path, flag: str = "--pretrain") -> Snapshot:
@@ -51,7 +52,9 @@ def read_snapshot(path: str | Path, flag: str = "--pretrain") -> Snapshot:
     data = load_file(path, flag)
     if is_upstream_checkpoint(data):
         cfg, state, metrics = convert_upstream(data, f"{flag} {path}")
-        return Snapshot(path, cfg, state, metrics, data.get("epoch"), "upstream", _score(metrics, path))
+        snap = Snapshot(path, cfg, state, metrics, data.get("epoch"), "upstream", _score(metrics, path))
+        snap.label_map = data.get("label_map")
+        return snap
     if not is_training_checkpoint(data):
         raise UserError(f"{flag} {path}: not an ocec checkpoint (no model_state/model_config)")
     try:
@@ -72,6 +75,7 @@ def read_snapshot(path: str | Path, flag: str = "--pretrain") -> Snapshot:
         list(data.get("history") or []),
         data.get("pretrain"),
         data.get("threshold") if is_defined(data.get("threshold")) else None,
+        data.get("label_map"),
     )
 
 
@@ -190,13 +194,18 @@ def load_for_inference(
     """The best of the given checkpoints as an eval-mode model on `device`, and why it was chosen."""
     snap, why = choose_best(paths, flag)
     model = build_model(snap.model_config)
+    load_pretrained_state(model, snap, flag)
+    return model.to(device).eval(), snap, why
+
+
+def load_pretrained_state(model: OcecModel, snap: Snapshot, flag: str = "--teacher") -> None:
+    """All of a snapshot's weights into a model of its recorded architecture (one line if they differ)."""
     _refuse(
         f"{flag} {snap.path}",
         "the weights do not match the recorded architecture",
         state_mismatches(model.state_dict(), snap.state),
     )
     model.load_state_dict(snap.state)
-    return model.to(device).eval(), snap, why
 
 
 @dataclass

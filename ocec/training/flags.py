@@ -105,6 +105,17 @@ def add_train_flags(p) -> None:
     g.add_argument("--margin_s", type=float, help=f"margin head scale (default per method, s/m: {margins})")
     g.add_argument("--margin_m", type=float, help="margin (default per method, see --margin_s)")
 
+    g = p.add_argument_group("distillation")
+    g.add_argument(
+        "--teacher",
+        nargs="+",
+        metavar="RUN_OR_CKPT",
+        help="a bigger model's soft predictions as a second target (several: their logits are averaged); "
+        "any architecture and image size",
+    )
+    g.add_argument("--kd_alpha", type=float, help="weight of the distillation loss, the margin loss gets the rest")
+    g.add_argument("--kd_temperature", type=float, help="softens both logits before they are compared")
+
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help="total epochs (also the target when resuming)")
     g.add_argument("--batch_size", type=int, help="images per step")

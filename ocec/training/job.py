@@ -32,6 +32,7 @@ from ..engine.optim import Learner, describe_layer_decay
 from ..engine.reporting import Reporter, check_optional
 from ..engine.rundir import check_writable, next_run_dir, write_summary
 from ..engine.runtime import amp_dtype, keep_freed_memory, resolve_device
+from ..finetune.distill import Teacher, read_teachers
 from ..finetune.techniques import L2SP, weight_ema, zero_shot_report
 from .checks import ineffective_settings
 from .start import Start, describe_model, load_pretrained_weights, selection_metric
@@ -55,6 +56,7 @@ class Job:
     record: RunRecord | None = None
     bad_steps: int = 0  # consecutive non-finite steps
     sample_losses: torch.Tensor | None = None  # --hard_mining: each train sample's last loss (NaN: not yet seen)
+    teacher: Teacher | None = None  # --teacher
 
     @property
     def keeper(self) -> CheckpointKeeper:
@@ -153,6 +155,10 @@ def build_job(start: Start, world: World, attach_log, created: list) -> tuple[Jo
     job = Job(cfg, model_cfg, learner, pool, data, device, amp_dtype(device, cfg.use_amp), run_dir, world)
     if cfg.hard_mining > 0:
         job.sample_losses = torch.full((pool.primary,), float("nan"))
+    if cfg.teacher:  # read by the main process (another machine may lack the files), built on every rank
+        snaps = main_first(world, lambda: read_teachers(cfg.teacher), then_others=False)
+        job.teacher = Teacher(snaps, device, job.amp_dtype)
+        log.info("%s; --kd_alpha %g --kd_temperature %g", job.teacher.describe(), cfg.kd_alpha, cfg.kd_temperature)
     job.record = RunRecord([], Best(selection_metric(data)), pretrain)
     if world.distributed:
         log.info(

@@ -158,8 +158,9 @@ def continue_epoch(job: Job, epoch: int, state: EpochState, stop: StopFlag) -> E
         idx = state.batch()
         x = augment_batch(to_float(pool.take(idx), device), cfg.augment, state.aug_gen)
         y = pool.labels[idx].to(device, non_blocking=True)
+        soft = job.teacher.logits(x) if job.teacher is not None else None  # the very batch the student sees
         with autocast(device, job.amp_dtype):
-            loss, logit = learner.loss(x, y, pool.class_weight)
+            loss, logit = learner.loss(x, y, pool.class_weight, soft)
         learner.optimizer.zero_grad(set_to_none=True)
         learner.scaler.scale(loss).backward()
         learner.scaler.unscale_(learner.optimizer)
@@ -235,6 +236,10 @@ def end_epoch(job: Job, epoch: int, state: EpochState, *, seconds: float, starte
     reduced = schedule.end_epoch(source["loss" if cfg.plateau_metric == "val_loss" else "f1"])
     row = epoch_row(epoch, metrics, lrs, seconds=seconds, wall_seconds=time.time() - started, seen=state.seen)
     row["trainable_backbone_units"] = count_trainable_units(job.learner.model)  # not the EMA copy
+    if job.teacher is not None:  # what the teacher cost this epoch
+        row["teacher_seconds"], job.teacher.seconds = round(job.teacher.seconds, 3), 0.0
+        if all(r["epoch"] == 0 for r in record.history):
+            log.info("teacher: %.1fs of this epoch's %.1fs of training", row["teacher_seconds"], seconds)
     if precise_bn is not None:
         row["precise_bn_seconds"] = round(precise_bn[1], 3)
         if all(r["epoch"] == 0 for r in record.history) and not precise_bn[0]:
