@@ -189,7 +189,13 @@ def _add_synth(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (dataset.parquet, or part-NNN.parquet shards)")
     p.add_argument("--rows", type=int, default=1000, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--style", choices=("a", "b"), default="a", help="a: colour photos; b: shifted infrared-like domain")
+    p.add_argument(
+        "--style",
+        choices=("a", "b", "c"),
+        default="a",
+        help="a: colour photos; b: shifted infrared-like domain; c: b at real detector-crop size, heavy JPEG, "
+        "ambiguous half-closed eyes (the hard regime)",
+    )
     p.add_argument("--shards", type=int, default=1, help="number of parquet files")
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="processes that render images")
     p.add_argument("--no_split", action="store_true", help="omit the split column (ocec then makes a seeded split)")

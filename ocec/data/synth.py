@@ -5,7 +5,10 @@ pupil and highlight, lids and lashes, eyebrow, occluders, blur, noise) at a rand
 encoded as PNG. `source` names a synthetic subject whose skin, iris colour and eye shape stay
 fixed across its images. Style `b` is a shifted domain: infrared-like grey with a colour cast,
 bright pupils, darker and flatter lighting, heavier blur and noise, lower resolution and more
-half-closed eyes, so a model trained on style `a` transfers only partially.
+half-closed eyes, so a model trained on style `a` transfers only partially. Style `c` is the hard regime
+of users' dataset B: style b's look at the size of real detector crops (7-13 px high), under heavy JPEG,
+with half-closed and slit eyes on both sides of the open/closed line (labels genuinely ambiguous there);
+add `--label_noise` for plain annotation mistakes.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ SKIN_TONES = np.array(
 IRIS_COLOURS = np.array(
     [[96, 62, 30], [60, 40, 22], [64, 112, 70], [72, 110, 160], [44, 44, 44], [122, 92, 52]], dtype=np.float32
 )
-STYLES = ("a", "b")
+STYLES = ("a", "b", "c")
 
 
 @dataclass
@@ -75,8 +78,9 @@ def _box_blur(img: np.ndarray, passes: int) -> np.ndarray:
 
 def render_eye(rng: np.random.Generator, is_open: bool, subject: Subject, style: str) -> np.ndarray:
     """One eye crop, uint8 [H, W, 3]."""
-    shifted = style == "b"
-    h = int(rng.integers(14, 30) if shifted else rng.integers(24, 64))
+    shifted, hard = style in ("b", "c"), style == "c"
+    # c: as small as real detector crops (upstream measured open eyes about 21x11 px, closed about 15x8)
+    h = int(rng.integers(7, 14) if hard else rng.integers(14, 30) if shifted else rng.integers(24, 64))
     w = int(round(h * rng.uniform(1.7, 2.3)))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     light = 1.0 + rng.uniform(-0.25, 0.25) * (xx / w - 0.5) + rng.uniform(-0.25, 0.25) * (yy / h - 0.5)
@@ -94,7 +98,9 @@ def render_eye(rng: np.random.Generator, is_open: bool, subject: Subject, style:
         brow_y = cy - b * rng.uniform(1.9, 2.6) - 0.3 * b * (1 - u2)
         _paint(img, 0.55 * _soft(lid * 1.6 - np.abs(yy - brow_y)) * inside_x, lash * 1.3)
 
-    if is_open:
+    if hard:  # half-closed and slit eyes on both sides of the line: labels genuinely ambiguous there
+        openness = rng.uniform(0.12, 1.0) if is_open else rng.uniform(0.0, 0.28)
+    elif is_open:
         openness = rng.uniform(0.25, 1.0) if shifted else rng.uniform(0.45, 1.0)
     else:
         openness = rng.uniform(0.0, 0.2) if shifted else rng.uniform(0.0, 0.1)
@@ -134,6 +140,13 @@ def render_eye(rng: np.random.Generator, is_open: bool, subject: Subject, style:
         img = 0.65 * img + 0.35 * img.mean()
         img = _box_blur(img, int(rng.integers(1, 3)))
         img += rng.normal(0, rng.uniform(5, 14), img.shape)
+        if hard:  # and heavy JPEG, as crops cut from a compressed video stream
+            buffer = io.BytesIO()
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
+                buffer, "JPEG", quality=int(rng.integers(8, 30))
+            )
+            img = np.asarray(Image.open(buffer), dtype=np.float32).reshape(h, w, -1)[..., :3]
+            img = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
     else:
         if rng.random() < 0.3:
             img = _box_blur(img, 1)
