@@ -29,7 +29,7 @@ from .errors import UserError
 MARGIN_METHODS = ("none", "arcface", "cosface")
 MARGIN_DEFAULTS = {"cosface": (8.0, 0.35), "arcface": (8.0, 0.2), "none": (8.0, 0.0)}  # (scale s, margin m)
 PLATEAU_METRICS = ("val_loss", "val_f1")
-AUGMENT_LEVELS = ("none", "light", "default")  # strengths in augment.py
+AUGMENT_LEVELS = ("none", "light", "default", "shift")  # strengths in augment.py
 UNFREEZE_SIDES = ("output", "input")
 RECIPES = ("full", "lp-ft", "surgical", "progressive")
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"

@@ -26,6 +26,9 @@ class AugmentStrength:
     blur_p: float = 0.0
     noise_p: float = 0.0
     noise_std: float = 0.0
+    grey_p: float = 0.0  # grey (IR-like) images
+    downscale_p: float = 0.0  # down then up again by a factor in [0.3, 0.7]: low-resolution crops
+    erase_p: float = 0.0  # a random rectangle filled with the image's mean (random erasing, Zhong et al. 2020)
 
 
 STRENGTH = {
@@ -39,6 +42,20 @@ STRENGTH = {
         blur_p=0.2,
         noise_p=0.2,
         noise_std=0.03,
+    ),
+    # aimed at what separates a colour dataset A from a grey, small, blurred B; measured in docs/finetune.md
+    "shift": AugmentStrength(
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.4,
+        translate=0.06,
+        scale=0.1,
+        blur_p=0.4,
+        noise_p=0.4,
+        noise_std=0.06,
+        grey_p=0.5,
+        downscale_p=0.4,
+        erase_p=0.25,
     ),
 }
 LEVELS = AUGMENT_LEVELS
@@ -103,6 +120,17 @@ def augment_batch(x: torch.Tensor, level: str, generator: torch.Generator) -> to
     else:
         x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
 
+    if s.grey_p:
+        mask = (torch.rand(n, generator=generator, device=device) < s.grey_p).view(n, 1, 1, 1)
+        x = torch.where(mask, (x * luma).sum(1, keepdim=True).expand_as(x), x)
+
+    if s.downscale_p:  # one factor per batch (a resize has one output size), applied to a random share
+        mask = (torch.rand(n, generator=generator, device=device) < s.downscale_p).view(n, 1, 1, 1)
+        factor = 0.3 + 0.4 * float(torch.rand(1, generator=generator, device=device))
+        h, w = x.shape[2:]
+        small = F.interpolate(x, size=(max(2, round(h * factor)), max(2, round(w * factor))), mode="area")
+        x = torch.where(mask, F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False), x)
+
     if s.blur_p:
         mask = (torch.rand(n, generator=generator, device=device) < s.blur_p).view(n, 1, 1, 1)
         x = torch.where(mask, _blur3x3(x), x)
@@ -113,6 +141,13 @@ def augment_batch(x: torch.Tensor, level: str, generator: torch.Generator) -> to
         # one noise value per pixel, shared by the channels: sensor-like, and a third of the random numbers
         noise = torch.randn((n, 1, *x.shape[2:]), generator=generator, device=device, dtype=x.dtype)
         x = torch.addcmul(x, noise, sigma.view(n, 1, 1, 1))
+
+    if s.erase_p:  # rectangles as coordinate masks: no per-sample Python
+        r = torch.rand(n, 5, generator=generator, device=device)
+        grid = _identity_grid(x)  # [1, H, W, 2] in [-1, 1]
+        centre, half = (2 * r[:, :2] - 1).view(n, 1, 1, 2), (0.2 + 0.3 * r[:, 2:4]).view(n, 1, 1, 2)
+        inside = ((grid - centre).abs() < half).all(-1).unsqueeze(1) & (r[:, 4] < s.erase_p).view(n, 1, 1, 1)
+        x = torch.where(inside, x.mean((2, 3), keepdim=True), x)
 
     # grid_sample returns NCHW whatever it was given: hand the model channels-last again
     return x.clamp_(0.0, 1.0).contiguous(memory_format=torch.channels_last)

@@ -9,12 +9,12 @@ from ocec.data.augment import LEVELS, augment_batch
 
 def test_augmentation_keeps_shape_dtype_and_range():
     x = torch.rand(16, 3, 16, 32)
-    for level in ("light", "default"):
+    for level in ("light", "default", "shift"):
         out = augment_batch(x.clone(), level, torch.Generator().manual_seed(0))
         assert out.shape == x.shape and out.dtype == x.dtype
         assert float(out.min()) >= 0 and float(out.max()) <= 1
     assert augment_batch(x, "none", torch.Generator()) is x
-    assert LEVELS == ("none", "light", "default")
+    assert LEVELS == ("none", "light", "default", "shift")
 
 
 def test_augmentation_differs_per_sample_and_follows_the_seed():
@@ -45,3 +45,16 @@ def test_light_changes_colour_only_and_default_also_moves_pixels():
     assert float(light[:, :, :4].std(dim=(2, 3)).max()) < 1e-6
     # ... while zoom, shift, blur and noise move pixels there
     assert float(default[:, :, :4].std(dim=(2, 3)).max()) > 1e-3
+
+
+def test_the_shift_preset_greys_erases_and_lowers_the_resolution_of_a_share_of_the_batch():
+    x = torch.rand(64, 3, 32, 64)
+    out = augment_batch(x.clone(), "shift", torch.Generator().manual_seed(3))
+    grey = (out[:, 0] - out[:, 1]).abs().amax((1, 2)) < 1e-6
+    assert 10 < int(grey.sum()) < 54  # grey_p 0.5: some, not all
+    # an erased rectangle is flat: at least a 5x5 patch without any variation
+    flat = torch.nn.functional.max_pool2d(-out, 5, 1) == torch.nn.functional.max_pool2d(out, 5, 1).neg()
+    assert 4 < int(flat.flatten(1).any(1).sum()) < 40
+    # noise images lose their high frequencies when blurred or resized: neighbour differences shrink for some
+    rough = (out[..., 1:] - out[..., :-1]).abs().mean((1, 2, 3))
+    assert int((rough < 0.5 * (x[..., 1:] - x[..., :-1]).abs().mean()).sum()) > 5
