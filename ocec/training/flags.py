@@ -53,7 +53,12 @@ def add_train_flags(p) -> None:
     g.add_argument(
         "--max_bad_fraction", type=float, help="stop if more than this share of images cannot be read (else skipped)"
     )
-    g.add_argument("--augment", choices=AUGMENT_LEVELS, help="batched augmentation level")
+    g.add_argument(
+        "--augment",
+        choices=AUGMENT_LEVELS,
+        help="batched augmentation: light (colour), default (+ zoom, shift, blur, noise), shift (+ grey, "
+        "down-then-up scaling, random erasing, stronger colour: for a grey, small, blurred B)",
+    )
     g.add_argument(
         "--balance",
         choices=BALANCE_MODES,
