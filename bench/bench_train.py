@@ -198,8 +198,8 @@ def phase_conventional(args) -> dict:
     return {"images_per_s": _images_per_s(step, args, device), "peak_rss_gb": _peak_rss_gb()}
 
 
-def phase_compute(args) -> dict:
-    """The compute limit: one batch resident on the device, forward + backward + fused AdamW."""
+def resident_setup(args, **model_config):
+    """A model (channels-last), fused AdamW and one batch already on --device: the compute-limit setting."""
     import torch
 
     from ocec.core.config import ModelConfig
@@ -211,7 +211,7 @@ def phase_compute(args) -> dict:
     if device.type == "cpu":
         keep_freed_memory()
     torch.manual_seed(0)
-    model = build_model(ModelConfig()).to(device, memory_format=torch.channels_last)
+    model = build_model(ModelConfig(**model_config)).to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(model, {"backbone": 1e-3, "head": 1e-3, "margin_head": 1e-3}, 1e-4)
     x = torch.rand(args.batch_size, 3, *SIZE, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (args.batch_size,), device=device)
@@ -222,6 +222,12 @@ def phase_compute(args) -> dict:
         loss.backward()
         optimizer.step()
 
+    return model, x, step, device
+
+
+def phase_compute(args) -> dict:
+    """The compute limit: one batch resident on the device, forward + backward + fused AdamW."""
+    _, _, step, device = resident_setup(args)
     return {"images_per_s": _images_per_s(step, args, device)}
 
 
@@ -244,25 +250,7 @@ def phase_architecture(args) -> dict:
     fused AdamW) and inference images/s (eval, no gradients), on --device."""
     import torch
 
-    from ocec.core.config import ModelConfig
-    from ocec.engine.optim import build_optimizer
-    from ocec.engine.runtime import keep_freed_memory
-    from ocec.models.model import build_model
-
-    device = torch.device(_device(args.device))
-    if device.type == "cpu":
-        keep_freed_memory()
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(**ARCHITECTURES[args.arch])).to(device, memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, {"backbone": 1e-3, "head": 1e-3, "margin_head": 1e-3}, 1e-4)
-    x = torch.rand(args.batch_size, 3, *SIZE, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 2, (args.batch_size,), device=device)
-
-    def train_step():
-        loss, _ = model.margin_head.training_loss(model.embed(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    model, x, train_step, device = resident_setup(args, **ARCHITECTURES[args.arch])
 
     def infer_step():
         with torch.inference_mode():
