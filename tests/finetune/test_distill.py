@@ -27,7 +27,7 @@ def test_the_distillation_loss_is_the_softened_binary_cross_entropy_mixed_with_t
     mixed, _ = TrainStep(model, kd_alpha=0.25, kd_temperature=2.0)(x, y, None, t)
     z = model(x)
     soft = torch.nn.functional.binary_cross_entropy(torch.sigmoid(z / 2), torch.sigmoid(t / 2)) * 4
-    assert float(mixed) == pytest.approx(0.75 * float(plain) + 0.25 * float(soft), rel=1e-5)
+    assert float(mixed.detach()) == pytest.approx(0.75 * float(plain.detach()) + 0.25 * float(soft.detach()), rel=1e-5)
 
 
 def test_the_teacher_sees_exactly_the_augmented_batch_the_student_trains_on(
