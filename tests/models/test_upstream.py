@@ -74,6 +74,17 @@ def test_an_upstream_model_a_fine_tunes_and_exports_for_onnxruntime_and_opencv(p
     assert "OpenCV" in result.out and "beyond the tolerance" not in result.out
 
 
+@pytest.mark.parametrize("path", [p for p in UPSTREAM if "32x64" in p.name], ids=lambda p: p.stem)
+def test_every_fine_tuning_technique_runs_on_every_upstream_architecture(path, train, data_a, trained_run, tmp_path):
+    # input-side stages (surgical), layer-wise LR decay, L2-SP, EMA, BN adaptation and a teacher of another size
+    flags = ["--recipe", "surgical", "--layer_decay", 0.8, "--l2sp", 0.01, "--ema_decay", 0.9]
+    result = train(data_a, tmp_path, 2, *TINY_TRAIN, "--pretrain", path, *flags, "--teacher", trained_run)
+    assert result.code == 0, result.err
+    rows = history(only_run(tmp_path))
+    assert rows[0]["trainable_backbone_units"] == 3  # half of stem + 4 blocks, from the input side
+    assert "teacher: 1 model(s)" in result.out and "layer-wise" in result.out.lower()
+
+
 @pytest.mark.parametrize(
     "arch,head", [(a, h) for a in ARCH_VARIANTS if not a.endswith("_v1") for h in HEAD_VARIANTS if h != "auto"]
 )
