@@ -162,6 +162,12 @@ def _add_audit(sub) -> None:
     )
     g.add_argument("--n_jobs", type=int, default=1, help="folds trained at once, one process each")
     g.add_argument("--devices", default=None, help="devices for the folds, in turn: e.g. cuda:0,cuda:1")
+    g.add_argument(
+        "--filter_by",
+        choices=("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"),
+        default="prune_by_noise_rate",
+        help="cleanlab's rule for flagging (its default); confident_learning flags fewer, more precisely",
+    )
     add_train_flags(p)
     p.set_defaults(handler=commands.run_audit)
 

@@ -109,7 +109,7 @@ def run_audit(args: argparse.Namespace) -> int:
     from .training.settings import settings_to_flags
 
     require_cleanlab()
-    audit_only = ("folds", "n_jobs", "devices")
+    audit_only = ("folds", "n_jobs", "devices", "filter_by")
     given = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS and k not in audit_only}
     for name in ("data_root", "output_dir"):
         if name not in given:
@@ -131,6 +131,7 @@ def run_audit(args: argparse.Namespace) -> int:
         cache_dir=given.get("cache_dir"),
         no_cache=given.get("no_cache", False),
         batch_size=given.get("batch_size", 256),
+        filter_by=args.filter_by,
     )
     print(
         f"audit: {summary['flagged']} of {summary['rows_audited']} labels flagged "

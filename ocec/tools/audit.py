@@ -97,6 +97,7 @@ def run_audit(
     cache_dir: str | None,
     no_cache: bool,
     batch_size: int,
+    filter_by: str = "prune_by_noise_rate",
 ) -> dict:
     cleanlab = require_cleanlab()
     out = Path(output_dir).expanduser()
@@ -137,7 +138,9 @@ def run_audit(
     idx = np.flatnonzero(audited)
     labels, p = rows.labels[idx], prob[idx]
     pred_probs = np.stack([1.0 - p, p], axis=1)
-    ranked = cleanlab.filter.find_label_issues(labels, pred_probs, return_indices_ranked_by="self_confidence")
+    ranked = cleanlab.filter.find_label_issues(
+        labels, pred_probs, filter_by=filter_by, return_indices_ranked_by="self_confidence"
+    )
     cache = cache_location(cache_dir, no_cache)
     return write_results(out, rows, idx, labels, p, np.asarray(ranked, dtype=np.int64), data_root, grouped, cache)
 
