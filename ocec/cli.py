@@ -157,16 +157,12 @@ def _add_audit(sub) -> None:
         "suspects.png; re-running the command continues a killed audit. Act on it with train --exclude.",
     )
     g = p.add_argument_group("audit")
-    g.add_argument(
-        "--folds", type=int, default=5, help="K: every labelled row is predicted by a model that never saw it"
-    )
+    g.add_argument("--folds", type=int, default=5, help="K: each labelled row is predicted by a model blind to it")
     g.add_argument("--n_jobs", type=int, default=1, help="folds trained at once, one process each")
     g.add_argument("--devices", default=None, help="devices for the folds, in turn: e.g. cuda:0,cuda:1")
+    rules = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given")
     g.add_argument(
-        "--filter_by",
-        choices=("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"),
-        default="prune_by_noise_rate",
-        help="cleanlab's rule for flagging (its default); confident_learning flags fewer, more precisely",
+        "--filter_by", choices=rules, default=rules[0], help="cleanlab's flagging rule (confident_learning: fewer)"
     )
     add_train_flags(p)
     p.set_defaults(handler=commands.run_audit)
