@@ -142,6 +142,13 @@ class Best:
             return not is_defined(self.tiebreak) or tiebreak > self.tiebreak
         return score > self.score
 
+    def after(self, epoch: int, score, f1, tiebreak, run_dir: Path) -> "Best | None":
+        """The new best if this epoch improves on it (its checkpoint named after the metric), else None."""
+        if not self.improved_by(score, tiebreak):
+            return None
+        name = best_name(epoch, f1) if self.metric.endswith("f1") else best_name(epoch, score, "loss")
+        return Best(self.metric, float(score), f1, epoch, str(Path(run_dir) / name), tiebreak)
+
     def by_tiebreak(self) -> bool:
         """Chosen by the best-threshold F1 (no epoch has had F1 > 0 at 0.5 yet)."""
         return self.score == 0 and not self.metric.endswith("loss") and is_defined(self.tiebreak)

@@ -50,6 +50,12 @@ def removed_if_left_empty():
         raise
 
 
+def latest_run_dir(output_dir: Path) -> Path | None:
+    """The highest-numbered <output_dir>/vN (v10 after v9), or None."""
+    runs = [p for p in Path(output_dir).glob("v*") if p.name[1:].isdigit() and p.is_dir()]
+    return max(runs, key=lambda p: int(p.name[1:]), default=None)
+
+
 def next_run_dir(output_dir: Path, created: list | None = None) -> Path:
     """Create and return the next free <output_dir>/vN (never an existing one)."""
     while True:

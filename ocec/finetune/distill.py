@@ -56,6 +56,7 @@ class Teacher:
             load_pretrained_state(model, snap)
             self.models.append(model.to(device).eval().requires_grad_(False))
         self.device, self.amp_dtype, self.seconds = device, amp_dtype, 0.0
+        self._events: list = []  # on CUDA: (start, end) per step, read at the epoch's end without a sync per step
         self.names = [f"{s.model_config.arch_variant}/{s.model_config.resolved_head} ({s.path.name})" for s in snaps]
 
     def describe(self) -> str:
@@ -64,6 +65,10 @@ class Teacher:
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         started = time.perf_counter()
         total = None
         for model in self.models:
@@ -72,7 +77,18 @@ class Teacher:
             with autocast(self.device, self.amp_dtype):
                 logit = model(seen).float()
             total = logit if total is None else total + logit
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the cost is reported per epoch: count it where it is spent
-        self.seconds += time.perf_counter() - started
-        return (total / len(self.models)).clone()  # out of inference mode: autograd may see it as a constant
+        if cuda:
+            end.record()
+            self._events.append((start, end))
+        else:
+            self.seconds += time.perf_counter() - started
+        return total / len(self.models)
+
+    def take_seconds(self) -> float:
+        """Seconds the teacher took since the last call (one device sync on CUDA, at the epoch's end)."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self.seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1000.0
+            self._events.clear()
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds

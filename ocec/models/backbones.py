@@ -113,9 +113,8 @@ class ConvNeXtBlock(nn.Module):
         self.gamma = nn.Parameter(torch.full((channels,), gamma))
 
     def forward(self, x):
-        y = self.dwconv(x)
-        y = self.norm(y).permute(0, 2, 3, 1) if isinstance(self.norm, LayerNorm2d) else self.norm(y.permute(0, 2, 3, 1))
-        y = self.pwconv2(F.gelu(self.pwconv1(y)))
+        norm = self.norm.norm if isinstance(self.norm, LayerNorm2d) else self.norm  # both over channels-last
+        y = self.pwconv2(F.gelu(self.pwconv1(norm(self.dwconv(x).permute(0, 2, 3, 1)))))
         return x + (self.gamma * y).permute(0, 3, 1, 2)
 
 

@@ -36,6 +36,7 @@ from ..core.errors import UserError
 from ..core.fileio import atomic_write, write_json_atomic
 from ..data.decode import cache_location, load_decoded
 from ..data.parquet import SPLITS, read_rows
+from ..engine.rundir import latest_run_dir
 from .gallery import save_png, sheet, stack
 from .sweep import pick_device
 
@@ -135,6 +136,7 @@ def run_audit(
     for k in range(folds):
         with np.load(out / f"fold_{k}" / "oof.npz") as saved:
             prob[saved["rows"]] = saved["prob_open"]
+            size = tuple(int(v) for v in saved["image_size"])
     idx = np.flatnonzero(audited)
     labels, p = rows.labels[idx], prob[idx]
     pred_probs = np.stack([1.0 - p, p], axis=1)
@@ -142,7 +144,12 @@ def run_audit(
         labels, pred_probs, filter_by=filter_by, return_indices_ranked_by="self_confidence"
     )
     cache = cache_location(cache_dir, no_cache)
-    return write_results(out, rows, idx, labels, p, np.asarray(ranked, dtype=np.int64), data_root, grouped, cache)
+    ranked = np.asarray(ranked, dtype=np.int64)
+    summary = write_results(out, rows, idx, labels, p, ranked, data_root, grouped)
+    summary["suspects"] = str(
+        suspects_picture(idx, labels, p, ranked, load_decoded(data_root, size, num_workers=0, cache_dir=cache), out)
+    )
+    return summary
 
 
 def train_folds(out, todo, fold_of, labels, data_root, train_flags, seed, n_jobs, devices, cache_dir, no_cache, batch):
@@ -186,9 +193,8 @@ def predict_fold(folder: Path, held_out: np.ndarray, data_root, device, cache_di
     from ..engine.runtime import resolve_device
     from ..finetune.pretrained import load_for_inference
 
-    run = max(folder.glob("v*"), key=lambda p: int(p.name[1:]) if p.name[1:].isdigit() else -1)
     dev = resolve_device(device or "auto")
-    model, snap, _ = load_for_inference([str(run)], dev)
+    model, snap, _ = load_for_inference([str(latest_run_dir(folder))], dev)
     decoded = load_decoded(
         data_root, snap.model_config.image_size, num_workers=0, cache_dir=cache_location(cache_dir, no_cache)
     )
@@ -198,11 +204,12 @@ def predict_fold(folder: Path, held_out: np.ndarray, data_root, device, cache_di
     )
     logits, _ = predict_split(model, split, batch_size=batch_size, device=dev)
     prob = torch.sigmoid(logits).numpy().astype(np.float64)
-    atomic_write(folder / "oof.npz", lambda f: np.savez(f, rows=rows, prob_open=prob))
+    size = np.asarray(snap.model_config.image_size)  # the size the suspects are shown at
+    atomic_write(folder / "oof.npz", lambda f: np.savez(f, rows=rows, prob_open=prob, image_size=size))
     log.info("audit: fold %s predicted %d held-out rows with %s", folder.name, len(rows), snap.path.name)
 
 
-def write_results(out, rows, idx, labels, p, ranked, data_root, grouped, cache) -> dict:
+def write_results(out, rows, idx, labels, p, ranked, data_root, grouped) -> dict:
     from ..data.edits import image_paths_of
 
     try:
@@ -255,17 +262,12 @@ def write_results(out, rows, idx, labels, p, ranked, data_root, grouped, cache) 
         "out_of_fold_f1_note": "probabilities from models that never saw the row",
     }
     write_json_atomic(out / "summary.json", summary)
-    picture = suspects_picture(idx, labels, p, ranked, data_root, out, cache)
-    summary["suspects"] = str(picture)
     return summary
 
 
-def suspects_picture(idx, labels, p, ranked, data_root, out: Path, cache, per_class: int = 24) -> Path:
-    """The most suspicious rows of each given class, as contact sheets."""
-    folder = next((out / f"fold_{k}") for k in range(1000) if (out / f"fold_{k}").exists())
-    run = max(folder.glob("v*"), key=lambda q: int(q.name[1:]) if q.name[1:].isdigit() else -1)
-    size = json.loads((run / "config.json").read_text())["model"]["image_size"]
-    decoded = load_decoded(data_root, tuple(size), num_workers=0, cache_dir=cache)
+def suspects_picture(idx, labels, p, ranked, decoded, out: Path, per_class: int = 24) -> Path:
+    """The most suspicious rows of each given class, as contact sheets (images as the fold models saw them)."""
+    size = decoded.images.shape[2:]
     parts = []
     for c, name in enumerate(("closed", "open")):
         top = [j for j in ranked if labels[j] == c][:per_class]

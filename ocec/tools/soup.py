@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from ..core.config import TrainConfig
 from ..core.errors import UserError
-from ..core.fileio import write_json_atomic
+from ..core.fileio import to_jsonable, write_json_atomic
 from ..core.progress import fmt
 from ..data.dataset import load_dataset
 from ..data.decode import cache_location
@@ -34,7 +35,7 @@ from .evaluate import split_settings_of
 
 log = logging.getLogger("ocec")
 STRUCTURE = ("arch_variant", "base_channels", "num_blocks", "head_variant", "image_size", "margin_method")
-BN_IMAGES = 2000  # as --precise_bn's default
+BN_IMAGES = TrainConfig.precise_bn  # images for the statistics, as --precise_bn's default
 
 
 def ingredients(runs: list[str], last: int | None) -> list[Snapshot]:
@@ -49,11 +50,16 @@ def ingredients(runs: list[str], last: int | None) -> list[Snapshot]:
     return [choose_best([run], "soup")[0] for run in runs]
 
 
+def structure_differences(a, b) -> list[str]:
+    """The structural settings in which two model configs differ (averaging needs none)."""
+    return [f for f in STRUCTURE if getattr(a, f) != getattr(b, f)]
+
+
 def check_compatible(snaps: list[Snapshot], same_run: bool) -> None:
     """One architecture, and one starting point (the same --pretrain): otherwise averaging is meaningless."""
     first = snaps[0].model_config
     for snap in snaps[1:]:
-        differs = [f for f in STRUCTURE if getattr(snap.model_config, f) != getattr(first, f)]
+        differs = structure_differences(snap.model_config, first)
         if differs:
             raise UserError(f"soup: {snap.path} has another architecture than {snaps[0].path} ({', '.join(differs)})")
     if same_run:
@@ -125,15 +131,15 @@ def make_soup(
     check_compatible(snaps, same_run=bool(last))
     dev = resolve_device(device)
     judge = Judge(snaps[0], data_root, data_root_a, dev, batch_size, cache_location(cache_dir))
-    scored = []
-    for snap in snaps:
-        report = judge.score(judge.model(snap.state))
-        scored.append((report["f1"], snap))
-        log.info("ingredient %s: val F1 %s", snap.path, fmt(report["f1"]))
     result = {"method": "wise_ft" if wise_ft else method, "ingredients": [], "kept": []}
-    for f1, snap in scored:
-        test = judge.score(judge.model(snap.state), judge.test) if judge.test is not None else {}
-        result["ingredients"].append({"path": str(snap.path), "val_f1": f1, "test_f1": test.get("f1")})
+    scored = []
+    for snap in snaps:  # each ingredient's BatchNorm re-estimated once, then judged on val and test
+        model = judge.model(snap.state)
+        f1 = judge.score(model)["f1"]
+        test = judge.score(model, judge.test)["f1"] if judge.test is not None else None
+        scored.append((f1, snap))
+        result["ingredients"].append({"path": str(snap.path), "val_f1": f1, "test_f1": test})
+        log.info("ingredient %s: val F1 %s", snap.path, fmt(f1))
     if wise_ft:
         state, report = wise_ft_path(judge, wise_ft, average([s.state for s in snaps], judge.cfg), result)
     elif method == "uniform" or len(snaps) == 1:
@@ -153,9 +159,9 @@ def make_soup(
     first = snaps[0]
     payload = training_payload(
         model_cfg=first.model_config,
-        train_cfg=_train_config(first),
+        train_cfg=TrainConfig.from_dict(first.train_config) if first.train_config else TrainConfig(),
         states={"model_state": model.state_dict()},
-        record={"history": [], "best": {}, "pretrain": first.pretrain, "soup": to_plain(result)},
+        record={"history": [], "best": {}, "pretrain": first.pretrain, "soup": to_jsonable(result)},
         epoch=0,
         metrics={"val": report},
         score=report["f1"],
@@ -163,7 +169,7 @@ def make_soup(
     )
     path = save_checkpoint(out / f"ocec_soup_{result['method']}_f1_{report['f1']:.4f}.pt", payload)
     result["checkpoint"] = str(path)
-    write_json_atomic(out / "soup.json", to_plain(result))
+    write_json_atomic(out / "soup.json", to_jsonable(result))
     return result
 
 
@@ -185,7 +191,9 @@ def greedy(judge: Judge, ranked: list, result: dict) -> tuple[dict, dict]:
 
 def wise_ft_path(judge: Judge, start: str, tuned: dict, result: dict) -> tuple[dict, dict]:
     snap_a, _ = choose_best([start], "--wise_ft")
-    check_compatible([snap_a, Snapshot(Path(start), judge.cfg, tuned)], same_run=True)
+    differs = structure_differences(snap_a.model_config, judge.cfg)
+    if differs:
+        raise UserError(f"--wise_ft {snap_a.path}: another architecture than the fine-tune ({', '.join(differs)})")
     model_a = build_model(judge.cfg)
     load_pretrained_state(model_a, snap_a, "--wise_ft")
     a_state = model_a.state_dict()
@@ -209,15 +217,3 @@ def wise_ft_path(judge: Judge, start: str, tuned: dict, result: dict) -> tuple[d
             best = (state, report, alpha)
     result["alpha"] = best[2]
     return best[0], best[1]
-
-
-def _train_config(snap: Snapshot) -> "object":
-    from ..core.config import TrainConfig
-
-    return TrainConfig.from_dict(snap.train_config) if snap.train_config else TrainConfig()
-
-
-def to_plain(value):
-    from ..core.fileio import to_jsonable
-
-    return to_jsonable(value)

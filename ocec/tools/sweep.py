@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..core.errors import UserError
 from ..core.progress import progress
+from ..engine.rundir import latest_run_dir
 from .sweep_space import load_space, suggest, trial_flags, trial_recipe
 from .sweep_study import claim_final_run, enqueue_defaults, open_study, resumable_retry
 
@@ -86,11 +87,11 @@ def pick_device(devices: list[str], busy: list[str]) -> str | None:
 
 
 def _history(folder: Path) -> list[dict]:
-    runs = sorted(folder.glob("v*"), key=lambda p: int(p.name[1:]) if p.name[1:].isdigit() else -1)
-    if not runs:
+    run = latest_run_dir(folder)
+    if run is None:
         return []
     try:
-        return json.loads((runs[-1] / "history.json").read_text())
+        return json.loads((run / "history.json").read_text())
     except (OSError, ValueError):  # not written yet (it is replaced atomically, never half-written)
         return []
 
@@ -215,12 +216,13 @@ def _finish(study, r: Running) -> None:
     rows = _history(r.folder)
     scores = [row["val_f1"] for row in rows if row.get("val_f1") is not None]
     best = max(scores, default=None)
+    run = latest_run_dir(r.folder)
     attrs = {
         "best_f1": best,
         "best_epoch": rows[scores.index(best)]["epoch"] if scores else None,
         "epochs": len(rows),
         "seconds": round(time.time() - r.started, 1),
-        "run_dir": str(sorted(r.folder.glob("v*"))[-1]) if list(r.folder.glob("v*")) else None,
+        "run_dir": str(run) if run else None,
     }
     for key, value in attrs.items():
         r.trial.set_user_attr(key, value)

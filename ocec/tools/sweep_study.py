@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..core.errors import UserError
 from ..engine.checkpoint import latest_resumable
+from ..engine.rundir import latest_run_dir
 from .sweep_space import default_trials
 
 log = logging.getLogger("ocec")
@@ -88,9 +89,9 @@ def resumable_retry(optuna, study, trial, folder: Path) -> Path | None:
     original = optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
     if original is None:
         return None
-    runs = sorted((folder / f"trial_{original:04d}").glob("v*"), key=lambda p: int(p.name[1:] or 0))
+    run = latest_run_dir(folder / f"trial_{original:04d}")
     try:
-        return latest_resumable(runs[-1]) if runs else None
+        return latest_resumable(run) if run else None
     except UserError:  # the folder holds no checkpoint yet
         return None
 

@@ -35,7 +35,7 @@ from ..data.sampling import (
 )
 from ..engine import distributed
 from ..engine.batchnorm import adapt_batchnorm, freeze_batchnorm_statistics, frozen_batchnorm
-from ..engine.checkpoint import INTERRUPTED_NAME, Best, best_name, epoch_name, save_checkpoint
+from ..engine.checkpoint import INTERRUPTED_NAME, epoch_name, save_checkpoint
 from ..engine.distributed import (
     ONE_PROCESS,
     agreed_signal,
@@ -236,15 +236,16 @@ def end_epoch(job: Job, epoch: int, state: EpochState, *, seconds: float, starte
     reduced = schedule.end_epoch(source["loss" if cfg.plateau_metric == "val_loss" else "f1"])
     row = epoch_row(epoch, metrics, lrs, seconds=seconds, wall_seconds=time.time() - started, seen=state.seen)
     row["trainable_backbone_units"] = count_trainable_units(job.learner.model)  # not the EMA copy
-    if job.teacher is not None:  # what the teacher cost this epoch
-        row["teacher_seconds"], job.teacher.seconds = round(job.teacher.seconds, 3), 0.0
-        if all(r["epoch"] == 0 for r in record.history):
+    first = all(r["epoch"] == 0 for r in record.history)  # the run's first trained epoch: say what things cost
+    if job.teacher is not None:
+        row["teacher_seconds"] = round(job.teacher.take_seconds(), 3)
+        if first:
             log.info("teacher: %.1fs of this epoch's %.1fs of training", row["teacher_seconds"], seconds)
     if precise_bn is not None:
         row["precise_bn_seconds"] = round(precise_bn[1], 3)
-        if all(r["epoch"] == 0 for r in record.history) and not precise_bn[0]:
+        if first and not precise_bn[0]:
             log.info("precise BN: nothing to re-estimate (the model has no BatchNorm layers)")
-        elif all(r["epoch"] == 0 for r in record.history):  # once per run: what it does and costs
+        elif first:
             log.info(
                 "precise BN: BatchNorm statistics re-estimated on %d training images before validating "
                 "(%.1fs, %.0f%% of the epoch; --precise_bn 0 turns it off)",
@@ -255,10 +256,9 @@ def end_epoch(job: Job, epoch: int, state: EpochState, *, seconds: float, starte
     record.history.append(to_jsonable(row))
 
     f1, score, tiebreak = _defined(source["f1"]), row[record.best.metric], _defined(source.get("best_f1"))
-    improved = record.best.improved_by(score, tiebreak)
-    if improved:
-        name = best_name(epoch, f1) if record.best.metric.endswith("f1") else best_name(epoch, score, "loss")
-        record.best = Best(record.best.metric, float(score), f1, epoch, str(job.run_dir / name), tiebreak)
+    better = record.best.after(epoch, score, f1, tiebreak, job.run_dir)
+    improved = better is not None
+    record.best = better or record.best
     if world.main:
         threshold = _defined(metrics["val"]["best_threshold"]) if "val" in metrics else None
         saved = job.keeper.save_epoch(epoch, job.payload(epoch, metrics=metrics, score=f1, threshold=threshold))
@@ -297,14 +297,13 @@ def start_as_candidate(job: Job) -> None:
         metrics["extra_val"], _ = evaluate_split(model, job.data.extra_val, amp_dtype=job.amp_dtype, **evaluate)
     row = {"epoch": 0, **{f"{split}_{k}": v for split, values in metrics.items() for k, v in values.items()}}
     record.history.append(to_jsonable(row))
-    score = row.get(record.best.metric)
-    f1, tiebreak = _defined(row["val_f1"]), _defined(row.get("val_best_f1"))
-    if record.best.improved_by(score, tiebreak):
-        name = best_name(0, f1) if record.best.metric.endswith("f1") else best_name(0, score, "loss")
-        record.best = Best(record.best.metric, float(score), f1, 0, str(job.run_dir / name), tiebreak)
+    f1 = _defined(row["val_f1"])
+    better = record.best.after(0, row.get(record.best.metric), f1, _defined(row.get("val_best_f1")), job.run_dir)
+    if better is not None:
+        record.best = better
         if world.main:
             threshold = _defined(metrics["val"]["best_threshold"])
-            job.keeper.save_best(name, job.payload(0, metrics=metrics, score=f1, threshold=threshold))
+            job.keeper.save_best(Path(better.path).name, job.payload(0, metrics=metrics, score=f1, threshold=threshold))
     if world.main:
         write_history(job.run_dir, record.history)
     log.info(
