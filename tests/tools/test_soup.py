@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY, TINY_TRAIN, only_run
+import torch
+from conftest import TINY, TINY_TRAIN, checkpoint, only_run
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,23 @@ def test_a_soup_is_a_normal_checkpoint_scored_as_saved(ocec, fine_tunes, data_b,
         soup["checkpoint"],
     )
     assert again.code == 0, again.err
+
+
+def test_one_ingredient_is_judged_exactly_as_its_run_judged_it(ocec, fine_tunes, data_b, tmp_path):
+    """BatchNorm statistics re-estimated as the run took them (precise BN: augmented train images with the
+    run's seed, epoch and batch size; the --pretrain start: --bn_adapt's plain images): a soup of one
+    checkpoint holds that checkpoint's statistics and scores its logged val F1."""
+    for name in ("ocec_epoch_0002.pt", "ocec_best_epoch0000_*.pt"):
+        path = next(fine_tunes[0].glob(name))
+        out = tmp_path / path.stem
+        result = ocec("soup", path, "--data_root", data_b, "--output_dir", out, "--method", "uniform")
+        assert result.code == 0, result.err
+        soup = json.loads((out / "soup.json").read_text())
+        original = checkpoint(path)
+        assert soup["val_f1"] == pytest.approx(original["metrics"]["val"]["f1"], abs=1e-9)
+        saved = checkpoint(soup["checkpoint"])["model_state"]
+        stats = [k for k in original["model_state"] if k.endswith(("running_mean", "running_var"))]
+        assert stats and all(torch.allclose(saved[k], original["model_state"][k], atol=1e-6) for k in stats)
 
 
 def test_a_greedy_soup_never_scores_below_its_best_ingredient(ocec, fine_tunes, data_b, tmp_path):
