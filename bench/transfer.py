@@ -1,17 +1,23 @@
-"""Which fine-tuning wins on a shifted dataset B, measured: the table behind the defaults that `--pretrain`
-implies. A benchmark, not a test.
+"""Which fine-tuning wins on a shifted dataset B, measured on several shifts: the table behind the defaults
+that `--pretrain` implies. A benchmark, not a test.
 
-    python bench/transfer.py                       # about 12 minutes on 2 CPU cores
-    python bench/transfer.py --seeds 1,2,3 --base_channels 32 --json transfer.json
+    python bench/transfer.py                       # about 25 minutes on 2 CPU cores
+    python bench/transfer.py --cases b --configs scratch,default,"recipe lp-ft" --seeds 1,2,3
 
-It synthesises dataset A (`ocec synth --style a`) and a shifted dataset B (`--style b`), trains model A on
-A, then on B, at equal epochs and for every training seed, trains from scratch and fine-tunes from A with
-each recipe and technique, in two regimes:
+Model A is trained once on synthetic style a (`ocec synth --style a`). Each case is a dataset B:
+  b     synthetic style b (infrared-like, blurred, more half-closed eyes), `--rows_b` rows
+  c     synthetic style c, the hard regime (detector-crop size, heavy JPEG, ambiguous half-closed eyes),
+        `--rows_c` rows
+  real  real eye crops (`--real_eyes`, default ../shared/data/real_eyes.parquet beside the project: used by
+        path, never copied), batch 64 (558 train rows)
+and each synthetic case has two regimes:
   labelled  only `--labelled` rows of B's train split carry labels (the rest are kept unlabelled)
   all       every train row of B is labelled
-and, in the `labelled` regime, the pseudo-label path: the default fine-tune labels the unlabelled rows
-(`ocec pseudo-label`), and a second fine-tune from A trains on the labelled rows plus those.
-Scores are the best validation F1 (at threshold 0.5) of each run on B's validation split.
+On B, at equal epochs and for every training seed, it trains from scratch and fine-tunes from A with each
+config; in the `labelled` regimes also the pseudo-label path: the default fine-tune labels the unlabelled
+rows (`ocec pseudo-label`), and a second fine-tune from A trains on the labelled rows plus those.
+Scores are the best validation F1 (at threshold 0.5) of each run on B's validation split. "noise" is the
+larger seed range (max - min) of the two rows compared: a difference inside it is within seed noise.
 """
 
 from __future__ import annotations
@@ -49,70 +55,101 @@ CONFIGS = {
     "l2sp 0.01": {"l2sp": 0.01},
     "layer_decay 0.7": {"layer_decay": 0.7},
     "hard_mining 0.3": {"hard_mining": 0.3},
+    "augment none": {"augment": "none"},
+    "augment light": {"augment": "light"},
+    "augment shift": {"augment": "shift"},
 }
 
 
-def make_data(workdir: Path, args) -> dict:
-    """A, B, and B's two regimes: all rows labelled; `--labelled` train rows labelled, the rest unlabelled."""
+def split_labelled(root: Path, workdir: Path, labelled: int, seed: int) -> dict:
+    """B's two regimes: all rows labelled (as written); `labelled` train rows labelled, the rest unlabelled."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    paths = {"a": workdir / "a", "b": workdir / "b"}
-    write_synthetic(paths["a"], args.rows_a, seed=args.data_seed, style="a", num_workers=2)
-    write_synthetic(paths["b"], args.rows_b, seed=args.data_seed + 1, style="b", num_workers=2)
-    table = pq.read_table(paths["b"] / "dataset.parquet")
+    table = pq.read_table(root / "dataset.parquet")
     train_rows = np.flatnonzero(pc.equal(table.column("split"), "train").to_numpy(zero_copy_only=False))
-    labelled = np.random.default_rng(args.data_seed).choice(
-        train_rows, size=min(args.labelled, len(train_rows)), replace=False
-    )
-    unlabelled = np.setdiff1d(train_rows, labelled)
-    keep = np.sort(np.concatenate([labelled, np.setdiff1d(np.arange(table.num_rows), train_rows)]))
-    paths["b_labelled"] = workdir / "b_labelled"
-    paths["b_labelled"].mkdir()
-    pq.write_table(table.take(pa.array(keep)), paths["b_labelled"] / "dataset.parquet")
-    paths["b_unlabelled"] = workdir / "b_unlabelled"
-    paths["b_unlabelled"].mkdir()
-    pq.write_table(
-        table.take(pa.array(unlabelled)).drop_columns(["label", "class_id"]), paths["b_unlabelled"] / "dataset.parquet"
-    )
+    chosen = np.random.default_rng(seed).choice(train_rows, size=min(labelled, len(train_rows)), replace=False)
+    # style c's tiniest crops can render to the very pixels of a val/test image; training refuses such extra
+    # rows (the best checkpoint would be chosen on trained images), so they are not offered as unlabelled
+    images = table.column("image_bytes").to_pylist()
+    held_out = {images[i] for i in np.flatnonzero(~np.isin(np.arange(table.num_rows), train_rows))}
+    unlabelled = np.array([i for i in np.setdiff1d(train_rows, chosen) if images[i] not in held_out], dtype=np.int64)
+    keep = np.sort(np.concatenate([chosen, np.setdiff1d(np.arange(table.num_rows), train_rows)]))
+    paths = {"all": root, "labelled": workdir / "labelled", "unlabelled": workdir / "unlabelled"}
+    for name, rows, drop in (("labelled", keep, []), ("unlabelled", unlabelled, ["label", "class_id"])):
+        paths[name].mkdir(parents=True)
+        pq.write_table(table.take(pa.array(rows)).drop_columns(drop), paths[name] / "dataset.parquet")
     return {k: str(v) for k, v in paths.items()}
+
+
+def make_cases(workdir: Path, args) -> dict:
+    """case -> {regime: data root, 'unlabelled': root of the labelled regime's unlabelled rows}."""
+    cases = {}
+    for offset, case in enumerate(args.cases.split(","), start=1):
+        if case == "real":
+            if not Path(args.real_eyes).is_file():
+                print(f"case real: {args.real_eyes} not found; left out (--real_eyes PATH)", flush=True)
+                continue
+            cases[case] = {"all": args.real_eyes}
+            continue
+        if case not in ("b", "c"):
+            raise SystemExit(f"--cases: {case!r} is not one of b, c, real")
+        root = workdir / case / "all"
+        rows = args.rows_b if case == "b" else args.rows_c
+        write_synthetic(root, rows, seed=args.data_seed + offset, style=case, num_workers=2)
+        cases[case] = split_labelled(root, workdir / case, args.labelled, args.data_seed)
+    return cases
 
 
 def run(settings: dict, out: Path) -> dict:
     tic = time.time()
     run_dir = train(**settings, output_dir=str(out))
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {
+    result = {
         "best_f1": summary["best_f1"],
         "best_epoch": summary["best_epoch"],
         "seconds": round(time.time() - tic, 1),
         "run": str(run_dir),
     }
+    zero_shot = (summary.get("pretrain") or {}).get("zero_shot")
+    if zero_shot:  # model A on B before the first step, and the regime the log named
+        result["zero_shot"] = zero_shot
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="b,c,real", help="datasets B: b, c (synthetic styles), real (eye crops)")
     parser.add_argument("--rows_a", type=int, default=6000)
     parser.add_argument("--rows_b", type=int, default=6000)
+    parser.add_argument("--rows_c", type=int, default=16000)
+    parser.add_argument("--real_eyes", default=str(ROOT.parent / "shared" / "data" / "real_eyes.parquet"))
     parser.add_argument("--labelled", type=int, default=1000, help="labelled train rows of B in the 'labelled' regime")
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--seeds", default="1,2", help="training seeds (each run repeats per seed)")
-    parser.add_argument("--data_seed", type=int, default=500, help="seed of the synthetic pair (the tests use others)")
+    parser.add_argument("--data_seed", type=int, default=500, help="seed of the synthetic data (the tests use others)")
     parser.add_argument("--base_channels", type=int, default=16)
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="which rows of the table to run")
+    parser.add_argument("--batch_size", type=int, default=256, help="synthetic cases; the real case uses 64")
+    parser.add_argument("--configs", default="scratch,default", help=f"rows of the table, from: {', '.join(CONFIGS)}")
     parser.add_argument("--no_pseudo", action="store_true", help="leave out the pseudo-label path")
     parser.add_argument("--json", default="transfer.json")
     parser.add_argument("--workdir", help="keep data and runs here (default: a temporary folder, removed)")
+    parser.add_argument("--table", metavar="JSON", help="print the table of an earlier run's JSON and stop")
     args = parser.parse_args()
+    if args.table:
+        results = json.loads(Path(args.table).read_text())
+        print(report_table(results, [int(s) for s in args.seeds.split(",")]))
+        return
     logging.getLogger("ocec").setLevel(logging.WARNING)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ocec-transfer-"))
     seeds = [int(s) for s in args.seeds.split(",")]
     tic = time.time()
-    data = make_data(workdir, args)
+    data_a = workdir / "a"
+    write_synthetic(data_a, args.rows_a, seed=args.data_seed, style="a", num_workers=2)
+    cases = make_cases(workdir, args)
     common = dict(
         image_size=(32, 64),
         base_channels=args.base_channels,
@@ -124,47 +161,32 @@ def main() -> None:
         keep_last=1,
         keep_best=1,
     )
-    model_a = run({**common, "data_root": data["a"], "seed": 0}, workdir / "model_a")
+    model_a = run({**common, "data_root": str(data_a), "seed": 0}, workdir / "model_a")
     print(f"model A on A: val F1 {model_a['best_f1']:.4f} ({model_a['seconds']} s)", flush=True)
     finetune = {k: v for k, v in common.items() if k not in ("image_size", "base_channels")}
     results = {"model_a": model_a, "finetune_defaults": {k: str(v) for k, v in FINETUNE_DEFAULTS.items()}, "runs": {}}
-    for regime, root in (("labelled", data["b_labelled"]), ("all", data["b"])):
-        for name in args.configs.split(","):
-            flags = CONFIGS[name]
-            for seed in seeds:
-                out = workdir / "runs" / regime / name.replace(" ", "_") / f"s{seed}"
-                if flags is None:
-                    settings = {**common, "data_root": root, "seed": seed}
-                else:
-                    settings = {**finetune, "data_root": root, "seed": seed, "pretrain": [model_a["run"]], **flags}
-                result = run(settings, out)
-                results["runs"].setdefault(regime, {}).setdefault(name, {})[seed] = result
-                print(
-                    f"{regime:>9} {name:<20} seed {seed}: {result['best_f1']:.4f} ({result['seconds']} s)", flush=True
-                )
-    if not args.no_pseudo:
-        results["pseudo"] = {}
-        for seed in seeds:
-            first = results["runs"]["labelled"]["default"][seed]["run"]
-            folder = workdir / "pseudo" / f"s{seed}"
-            report = pseudo_label(
-                [first],
-                data["b_unlabelled"],
-                str(folder),
-                batch_size=1024,
-                device="cpu",
-                num_workers=0,
-                cache_dir=workdir / "cache",
-                max_bad_fraction=0.01,
-            )
-            settings = {**finetune, "data_root": data["b_labelled"], "seed": seed, "pretrain": [model_a["run"]]}
-            settings["extra_train_root"] = str(folder)
-            result = run(settings, workdir / "runs" / "pseudo" / f"s{seed}")
-            results["pseudo"][seed] = {**result, "pseudo_rows": report["kept"], "pseudo_of": report["rows"]}
-            print(
-                f"   pseudo default + pseudo-labels seed {seed}: {result['best_f1']:.4f} ({report['kept']} rows)",
-                flush=True,
-            )
+    results["pseudo"] = {}
+    for case, roots in cases.items():
+        batch = {"batch_size": 64} if case == "real" else {}
+        for regime in ("labelled", "all"):
+            if regime not in roots:
+                continue
+            column = f"{case} {regime}"
+            for name in args.configs.split(","):
+                flags = CONFIGS[name]
+                for seed in seeds:
+                    out = workdir / "runs" / case / regime / name.replace(" ", "_") / f"s{seed}"
+                    if flags is None:
+                        settings = {**common, **batch, "data_root": roots[regime], "seed": seed}
+                    else:
+                        settings = {**finetune, **batch, "data_root": roots[regime], "seed": seed}
+                        settings.update(pretrain=[model_a["run"]], **flags)
+                    result = run(settings, out)
+                    results["runs"].setdefault(column, {}).setdefault(name, {})[seed] = result
+                    print(f"{column:>12} {name:<20} seed {seed}: {result['best_f1']:.4f} ({result['seconds']} s)")
+            if regime == "labelled" and not args.no_pseudo and "default" in results["runs"][column]:
+                results["pseudo"][column] = pseudo_rows(results["runs"][column]["default"], roots, finetune, model_a,
+                                                        workdir / "pseudo" / case, seeds)
     results["seconds"] = round(time.time() - tic, 1)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print()
@@ -174,36 +196,63 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def report_table(results: dict, seeds: list[int]) -> str:
-    def mean(cell: dict) -> float:
-        return statistics.mean(v["best_f1"] for v in cell.values())
-
-    regimes = list(results["runs"])
-    names = list(results["runs"][regimes[0]])
-    header = f"{'':<22}" + "".join(f"{r + ' (mean)':>18}{'vs scratch':>12}{'seeds':>18}" for r in regimes)
-    lines = [header]
-    for name in names:
-        line = f"{name:<22}"
-        for regime in regimes:
-            cell = results["runs"][regime].get(name)
-            if not cell:
-                line += f"{'':>48}"
-                continue
-            gap = (
-                mean(cell) - mean(results["runs"][regime]["scratch"])
-                if "scratch" in results["runs"][regime]
-                else float("nan")
-            )
-            per_seed = " ".join(f"{cell[s]['best_f1']:.3f}" for s in seeds if s in cell)
-            line += f"{mean(cell):>18.4f}{gap:>+12.4f}{per_seed:>18}"
-        lines.append(line)
-    if results.get("pseudo"):
-        cell = results["pseudo"]
-        base = mean(results["runs"]["labelled"]["default"])
-        per_seed = " ".join(f"{cell[s]['best_f1']:.3f}" for s in seeds if s in cell)
-        lines.append(
-            f"{'default + pseudo':<22}{mean(cell):>18.4f}{mean(cell) - base:>+12.4f}{per_seed:>18}  (vs default)"
+def pseudo_rows(first_runs: dict, roots: dict, finetune: dict, model_a: dict, folder: Path, seeds) -> dict:
+    """Per seed: the default fine-tune labels the unlabelled rows, and a second fine-tune from A trains on
+    the labelled rows plus those."""
+    cell = {}
+    for seed in seeds:
+        labels = folder / f"labels_s{seed}"
+        report = pseudo_label(
+            [first_runs[seed]["run"]],
+            roots["unlabelled"],
+            str(labels),
+            batch_size=1024,
+            device="cpu",
+            num_workers=0,
+            cache_dir=Path(finetune["cache_dir"]),
+            max_bad_fraction=0.01,
         )
+        settings = {**finetune, "data_root": roots["labelled"], "seed": seed, "pretrain": [model_a["run"]]}
+        result = run({**settings, "extra_train_root": str(labels)}, folder / f"s{seed}")
+        cell[seed] = {**result, "pseudo_rows": report["kept"], "pseudo_of": report["rows"]}
+        print(f"{'':>12} default + pseudo-labels seed {seed}: {result['best_f1']:.4f} ({report['kept']} rows)")
+    return cell
+
+
+def report_table(results: dict, seeds: list[int]) -> str:
+    """A markdown table, a row per case and regime: A's zero-shot ROC-AUC on B (after BatchNorm adaptation),
+    then each config's mean best val F1 with its seeds, and its difference to scratch (pseudo-labels: to the
+    default fine-tune) judged against the seed noise."""
+
+    def scores(cell: dict) -> list[float]:
+        return [cell[str(s)]["best_f1"] if str(s) in cell else cell[s]["best_f1"] for s in seeds]
+
+    def compare(cell: dict | None, base: dict | None) -> str:
+        if not cell:
+            return " |"
+        mean = statistics.mean(scores(cell))
+        text = f" {mean:.4f} ({' / '.join(f'{v:.4f}' for v in scores(cell))})"
+        if base is None:
+            return text + " |"
+        noise = max(max(scores(c)) - min(scores(c)) for c in (cell, base))
+        gap = mean - statistics.mean(scores(base))
+        verdict = "within noise" if abs(gap) <= noise else ("gain" if gap > 0 else "LOSS")
+        return text + f", {gap:+.4f} {verdict} |"
+
+    names = list(dict.fromkeys(n for cells in results["runs"].values() for n in cells))
+    header = ["case", "A's zero-shot AUC", *[n if n == "scratch" else f"{n} (vs scratch)" for n in names]]
+    if results.get("pseudo"):
+        header.append("default + pseudo-labels (vs default)")
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for column, cells in results["runs"].items():
+        first = next(iter(cells.get("default", {}).values()), {})
+        auc = (first.get("zero_shot") or {}).get("after_bn_adapt", {}).get("roc_auc")
+        line = f"| {column} | {'' if auc is None else f'{auc:.3f}'} |"
+        for name in names:
+            line += compare(cells.get(name), None if name == "scratch" else cells.get("scratch"))
+        if results.get("pseudo"):
+            line += compare(results["pseudo"].get(column), cells.get("default"))
+        lines.append(line)
     return "\n".join(lines)
 
 

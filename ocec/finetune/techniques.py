@@ -57,6 +57,7 @@ def zero_shot_report(
                 fmt(b["f1"]),
                 fmt(b["roc_auc"], 3),
             )
+            report["regime"] = log_regime(b["roc_auc"], len(train))
         return report
     target = model if adapt else copy.deepcopy(model)
     images = adapt_batchnorm(target, train, batch_size=batch_size, device=device, max_images=BN_ADAPT_IMAGES, seed=seed)
@@ -75,9 +76,42 @@ def zero_shot_report(
             fmt(a["roc_auc"], 3),
             "applied: --bn_adapt" if adapt else "not applied; --bn_adapt would",
         )
+        report["regime"] = log_regime(a["roc_auc"], len(train))
     elif adapt:
         log.info("BatchNorm statistics re-estimated on %d train images (--bn_adapt)", images)
     return report
+
+
+def log_regime(auc: float | None, labelled: int) -> str:
+    name, advice = shift_regime(auc, labelled)
+    log.info("regime: %s (A's ROC-AUC on B %s, %d labelled train rows): %s", name, fmt(auc, 3), labelled, advice)
+    return name
+
+
+# The regime the zero-shot report names, from two things known before the first step: how well model A's
+# features separate B (ROC-AUC on B's val split after BatchNorm adaptation) and how many labelled train rows B
+# has. Boundaries from bench/transfer.py (docs/finetune.md, section 4): A's ROC-AUC was 0.62 on the hard
+# style c, where fine-tuning with many labels lost to scratch, and {B_AUC} on style b, where it tied or won.
+FAR_SHIFT_AUC = 0.75
+FEW_LABELS = 2000
+REGIMES = {
+    ("far", "few"): "A's features barely separate B, but with few labels A's start still helped in our "
+    "measurements; compare with a run without --pretrain, and use pseudo-labels only if they gain on your val split",
+    ("far", "many"): "A's features barely separate B and B has many labels: there fine-tuning tied or lost to "
+    "training from scratch in our measurements, and the lever is capacity: train a bigger teacher on B and "
+    "distil it (--teacher), and compare with a run without --pretrain",
+    ("near", "few"): "A's features carry over and B has few labels: fine-tuning is the lever; pseudo-label the "
+    "unlabelled rows (ocec pseudo-label) and keep them only if val F1 gains",
+    ("near", "many"): "A's features carry over and B has many labels: fine-tuning and scratch end close; A's "
+    "start mainly saves epochs",
+}
+
+
+def shift_regime(auc: float | None, labelled: int) -> tuple[str, str]:
+    """-> (name, what to try), e.g. ('far shift, many labels', '...'). An undefined AUC counts as far."""
+    far = "far" if auc is None or auc != auc or auc < FAR_SHIFT_AUC else "near"
+    few = "few" if labelled < FEW_LABELS else "many"
+    return f"{far} shift, {few} labels", REGIMES[far, few]
 
 
 def weight_ema(model: OcecModel, decay: float) -> AveragedModel:

@@ -19,6 +19,7 @@ from ocec.data.augment import augment_batch
 from ocec.data.dataset import load_dataset
 from ocec.engine.batchnorm import adapt_batchnorm
 from ocec.finetune.pretrained import choose_best, read_snapshot
+from ocec.finetune.techniques import FAR_SHIFT_AUC, FEW_LABELS, shift_regime
 from ocec.models.model import build_model
 
 
@@ -244,7 +245,27 @@ def test_pretrain_fills_in_the_measured_defaults_and_logs_the_zero_shot_gap(fine
     cfg = config(run)
     assert cfg["train"]["bn_adapt"] is True and cfg["filled_in"] == "--recipe full --bn_adapt"
     zero = cfg["pretrain"]["zero_shot"]
-    assert set(zero) == {"before", "after_bn_adapt", "bn_adapt_images"} and zero["bn_adapt_images"] > 0
+    assert set(zero) == {"before", "after_bn_adapt", "bn_adapt_images", "regime"} and zero["bn_adapt_images"] > 0
+    # A on its own data with a few hundred labels: A's features carry over, few labels
+    assert zero["after_bn_adapt"]["roc_auc"] > 0.9 and zero["regime"] == "near shift, few labels"
+    assert "regime: near shift, few labels (A's ROC-AUC on B " in result.out and "pseudo-label" in result.out
+
+
+def test_the_zero_shot_report_names_a_far_shift_and_what_to_try(finetune, data_a, tmp_path):
+    """Every label flipped: A ranks B backwards (ROC-AUC near 0), the far-shift regime, whose advice names
+    the teacher and a scratch comparison; the boundaries are those of shift_regime."""
+    paths = pq.read_table(next(data_a.glob("*.parquet")), columns=["image_path"]).column(0).to_pylist()
+    flips = tmp_path / "flip_all.txt"
+    flips.write_text("\n".join(paths))
+    result = finetune(1, "--relabel", flips)
+    assert result.code == 0, result.err
+    zero = config(only_run(tmp_path))["pretrain"]["zero_shot"]
+    assert zero["after_bn_adapt"]["roc_auc"] < 0.5 and zero["regime"] == "far shift, few labels"
+    assert "regime: far shift, few labels" in result.out and "without --pretrain" in result.out
+    assert shift_regime(FAR_SHIFT_AUC, FEW_LABELS)[0] == "near shift, many labels"
+    assert shift_regime(FAR_SHIFT_AUC - 0.01, FEW_LABELS)[0] == "far shift, many labels"
+    assert "--teacher" in shift_regime(0.6, FEW_LABELS)[1]
+    assert shift_regime(float("nan"), FEW_LABELS - 1)[0] == "far shift, few labels"
 
 
 def test_a_recipe_expands_into_stages_and_given_flags_win(finetune, tmp_path):
