@@ -2,7 +2,8 @@
 2022), or the last K epochs of one run, or interpolate model A and a fine-tune (WiSE-FT, Wortsman et al.
 2022b). Averaging uses torch.optim.swa_utils.AveragedModel; the BatchNorm statistics of every average are
 then re-estimated on B's train images, augmented as the ingredients were trained (averaged statistics do
-not belong to averaged weights). The result is a normal training checkpoint: eval, export, predict and --pretrain read it.
+not belong to averaged weights). The result is a normal training checkpoint: eval, export, predict and
+--pretrain read it.
 
 uniform   every ingredient, equally
 greedy    ingredients by their own val F1, best first; each is kept only if the soup's val F1 does not drop

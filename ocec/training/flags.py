@@ -22,6 +22,7 @@ from ..core.config import (
     parse_stages,
 )
 from ..core.errors import UserError
+from .settings import FINETUNE_DEFAULTS, describe_settings
 
 
 def argument_type(parse):
@@ -157,7 +158,8 @@ def add_train_flags(p) -> None:
         "--pretrain",
         nargs="+",
         metavar="CKPT",
-        help="start from weights: file(s), a glob, or a run folder; the highest-F1 candidate is used",
+        help="start from weights: file(s), a glob, or a run folder; the highest-F1 candidate is used. Fills in "
+        f"the measured fine-tuning defaults where not given: {describe_settings(FINETUNE_DEFAULTS)}",
     )
     g.add_argument("--resume", metavar="CKPT|RUN", help="continue a run from a checkpoint or its folder's latest one")
     g.add_argument("--reinit_head", action="store_true", help="re-initialise the head and margin head after --pretrain")

@@ -238,12 +238,13 @@ def test_reinit_head_and_margin_init_through_the_cli(train, data_a, trained_run,
 def test_pretrain_fills_in_the_measured_defaults_and_logs_the_zero_shot_gap(finetune, tmp_path):
     result = finetune(1)
     assert result.code == 0, result.err
-    # TINY_TRAIN gives --warmup_epochs, so only the recipe and BN adaptation are filled in
-    assert "fine-tuning settings filled in (flags you give override them): --recipe full --bn_adapt\n" in result.out
+    # TINY_TRAIN gives --warmup_epochs, so only the recipe, BN adaptation and the augmentation are filled in
+    filled = "--recipe full --bn_adapt --augment light"
+    assert f"fine-tuning settings filled in (flags you give override them): {filled}\n" in result.out
     assert "zero-shot on the val split: F1" in result.out and "after BatchNorm adaptation" in result.out
     run = only_run(tmp_path)
     cfg = config(run)
-    assert cfg["train"]["bn_adapt"] is True and cfg["filled_in"] == "--recipe full --bn_adapt"
+    assert cfg["train"]["bn_adapt"] is True and cfg["train"]["augment"] == "light" and cfg["filled_in"] == filled
     zero = cfg["pretrain"]["zero_shot"]
     assert set(zero) == {"before", "after_bn_adapt", "bn_adapt_images", "regime"} and zero["bn_adapt_images"] > 0
     # A on its own data with a few hundred labels: A's features carry over, few labels
@@ -252,8 +253,8 @@ def test_pretrain_fills_in_the_measured_defaults_and_logs_the_zero_shot_gap(fine
 
 
 def test_the_zero_shot_report_names_a_far_shift_and_what_to_try(finetune, data_a, tmp_path):
-    """Every label flipped: A ranks B backwards (ROC-AUC near 0), the far-shift regime, whose advice names
-    the teacher and a scratch comparison; the boundaries are those of shift_regime."""
+    """Every label flipped: A ranks B backwards (ROC-AUC near 0), the far-shift regime; with many labels its
+    advice names the teacher and a scratch comparison; the boundaries are those of shift_regime."""
     paths = pq.read_table(next(data_a.glob("*.parquet")), columns=["image_path"]).column(0).to_pylist()
     flips = tmp_path / "flip_all.txt"
     flips.write_text("\n".join(paths))
@@ -261,10 +262,10 @@ def test_the_zero_shot_report_names_a_far_shift_and_what_to_try(finetune, data_a
     assert result.code == 0, result.err
     zero = config(only_run(tmp_path))["pretrain"]["zero_shot"]
     assert zero["after_bn_adapt"]["roc_auc"] < 0.5 and zero["regime"] == "far shift, few labels"
-    assert "regime: far shift, few labels" in result.out and "without --pretrain" in result.out
+    assert "regime: far shift, few labels" in result.out and "pseudo-labels only if they gain" in result.out
     assert shift_regime(FAR_SHIFT_AUC, FEW_LABELS)[0] == "near shift, many labels"
     assert shift_regime(FAR_SHIFT_AUC - 0.01, FEW_LABELS)[0] == "far shift, many labels"
-    assert "--teacher" in shift_regime(0.6, FEW_LABELS)[1]
+    assert "--teacher" in shift_regime(0.6, FEW_LABELS)[1] and "without --pretrain" in shift_regime(0.6, FEW_LABELS)[1]
     assert shift_regime(float("nan"), FEW_LABELS - 1)[0] == "far shift, few labels"
 
 
