@@ -93,7 +93,7 @@ def split_labelled(root: Path, workdir: Path, labelled: int, seed: int, image_si
 def make_cases(workdir: Path, args) -> dict:
     """case -> {regime: data root, 'unlabelled': root of the labelled regime's unlabelled rows}."""
     cases = {}
-    for offset, case in enumerate(args.cases.split(","), start=1):
+    for case in args.cases.split(","):
         if case == "real":
             if not Path(args.real_eyes).is_file():
                 print(f"case real: {args.real_eyes} not found; left out (--real_eyes PATH)", flush=True)
@@ -104,7 +104,8 @@ def make_cases(workdir: Path, args) -> dict:
             raise SystemExit(f"--cases: {case!r} is not one of b, c, real")
         root = workdir / case / "all"
         rows = args.rows_b if case == "b" else args.rows_c
-        write_synthetic(root, rows, seed=args.data_seed + offset, style=case, num_workers=2)
+        # each case's own seed, whichever cases run with it
+        write_synthetic(root, rows, seed=args.data_seed + "bc".index(case) + 1, style=case, num_workers=2)
         cases[case] = split_labelled(root, workdir / case, args.labelled, args.data_seed, (32, 64), workdir / "cache")
     return cases
 
