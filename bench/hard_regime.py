@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shutil
 import statistics
 import sys
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transfer import run  # noqa: E402
+from transfer import parse_with_outputs, run  # noqa: E402
 
 from ocec.api import evaluate  # noqa: E402
 from ocec.core.config import AUGMENT_LEVELS, TrainConfig  # noqa: E402
@@ -57,14 +56,7 @@ def main() -> None:
     parser.add_argument("--kd_alpha", type=float, default=TrainConfig.kd_alpha)
     parser.add_argument("--kd_temperature", type=float, default=TrainConfig.kd_temperature)
     parser.add_argument("--no_augment", action="store_true", help="leave out the augmentation rows")
-    parser.add_argument("--json", default="hard_regime.json")
-    parser.add_argument("--workdir", help="keep data and runs here (default: a temporary folder, removed)")
-    parser.add_argument("--table", metavar="JSON", help="print the table of an earlier run's JSON and stop")
-    args = parser.parse_args()
-    if args.table:
-        print(report_table(json.loads(Path(args.table).read_text()), [int(s) for s in args.seeds.split(",")]))
-        return
-    logging.getLogger("ocec").setLevel(logging.WARNING)
+    args = parse_with_outputs(parser, "hard_regime.json", report_table)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ocec-hard-"))
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -62,6 +62,20 @@ CONFIGS = {
 }
 
 
+def parse_with_outputs(parser: argparse.ArgumentParser, json_name: str, report_table) -> argparse.Namespace:
+    """The flags every benchmark here shares: where its numbers and runs go, or an earlier run's JSON whose
+    table `report_table(results, seeds)` prints (and stops). Quiets ocec's log: the benchmarks print."""
+    parser.add_argument("--json", default=json_name)
+    parser.add_argument("--workdir", help="keep data and runs here (default: a temporary folder, removed)")
+    parser.add_argument("--table", metavar="JSON", help="print the table of an earlier run's JSON and stop")
+    args = parser.parse_args()
+    if args.table:
+        print(report_table(json.loads(Path(args.table).read_text()), [int(s) for s in args.seeds.split(",")]))
+        raise SystemExit(0)
+    logging.getLogger("ocec").setLevel(logging.WARNING)
+    return args
+
+
 def split_labelled(root: Path, workdir: Path, labelled: int, seed: int, image_size, cache_dir: Path) -> dict:
     """B's two regimes: all rows labelled (as written); `labelled` train rows labelled, the rest unlabelled."""
     import numpy as np
@@ -143,15 +157,7 @@ def main() -> None:
         "--configs", default="scratch,default,augment default", help=f"rows of the table, from: {', '.join(CONFIGS)}"
     )
     parser.add_argument("--no_pseudo", action="store_true", help="leave out the pseudo-label path")
-    parser.add_argument("--json", default="transfer.json")
-    parser.add_argument("--workdir", help="keep data and runs here (default: a temporary folder, removed)")
-    parser.add_argument("--table", metavar="JSON", help="print the table of an earlier run's JSON and stop")
-    args = parser.parse_args()
-    if args.table:
-        results = json.loads(Path(args.table).read_text())
-        print(report_table(results, [int(s) for s in args.seeds.split(",")]))
-        return
-    logging.getLogger("ocec").setLevel(logging.WARNING)
+    args = parse_with_outputs(parser, "transfer.json", report_table)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ocec-transfer-"))
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -148,7 +148,8 @@ def resolve_threshold(value, snap: Snapshot) -> float:
 
 
 def choose_best(paths: list[str], flag: str = "--pretrain") -> tuple[Snapshot, str]:
-    """The candidate with the highest selection F1 (ties: later epoch), and a sentence saying why."""
+    """The candidate with the highest selection F1 (ties: a run's best-named file, then the later epoch), and
+    a sentence saying why."""
     candidates = expand_candidates(paths, flag)
     if len(candidates) == 1:
         snap = read_snapshot(candidates[0], flag)
@@ -158,8 +159,9 @@ def choose_best(paths: list[str], flag: str = "--pretrain") -> tuple[Snapshot, s
     if not scored:
         snap = max(snaps, key=lambda s: (s.epoch or -1, str(s.path)))
         return snap, f"{snap.path} (no candidate records an F1; latest epoch of {len(snaps)})"
-    # Ties (a best file and the epoch file of the same epoch): prefer the later epoch, then the best-named file.
-    snap = max(scored, key=lambda s: (s.score, s.epoch or -1, bool(BEST_RE.match(s.path.name)), str(s.path)))
+    # Ties: the run's own best file first (a later epoch that only equalled it is not what the run chose, and
+    # its stored threshold differs: `eval --threshold auto` of a run must use the best file's), then the later epoch.
+    snap = max(scored, key=lambda s: (s.score, bool(BEST_RE.match(s.path.name)), s.epoch or -1, str(s.path)))
     return snap, f"{snap.path} (highest F1 {snap.score:.4f} among {len(snaps)} candidates)"
 
 

@@ -31,6 +31,17 @@ def test_pretrain_picks_the_highest_f1_candidate_and_says_why(train, data_a, tra
     assert f"highest F1 {chosen.score:.4f} among" in result.out
 
 
+def test_an_equal_f1_prefers_the_runs_best_file_over_a_later_epoch_file(trained_run, tmp_path):
+    """A later epoch that only equals the best F1 is not what the run chose (its threshold differs)."""
+    best = Path(summary(trained_run)["best_checkpoint"])
+    shutil.copy(best, tmp_path / best.name)
+    later = checkpoint(best)
+    later["epoch"], later["threshold"] = later["epoch"] + 5, 0.123
+    torch.save(later, tmp_path / f"ocec_epoch_{later['epoch']:04d}.pt")
+    chosen, why = choose_best([str(tmp_path)])
+    assert chosen.path.name == best.name and chosen.threshold != 0.123 and "among 2 candidates" in why
+
+
 def test_pretrain_starts_a_fresh_run_with_the_checkpoint_architecture(finetune, tmp_path):
     result = finetune(1)
     assert result.code == 0, result.err
@@ -420,7 +431,7 @@ def test_precise_bn_validates_and_saves_statistics_re_estimated_for_the_saved_we
         device=torch.device("cpu"),
         max_images=64,
         seed=5 + 2,
-        transform=lambda x: augment_batch(x, "default", augment),
+        transform=lambda x: augment_batch(x, config(run)["train"]["augment"], augment),
     )
     after = {k: v for k, v in model.state_dict().items() if "running" in k}
     assert all(torch.allclose(before[k], after[k], atol=1e-5) for k in before)
