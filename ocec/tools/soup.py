@@ -89,9 +89,10 @@ class Judge:
 
     def model(self, state: dict, like: Snapshot | None = None) -> torch.nn.Module:
         """The weights with BatchNorm statistics re-estimated as training's precise BN takes them (on train
-        images augmented as in training, with the seed, image count and batch size of `like`'s run and epoch,
-        the first ingredient by default), so one ingredient judged here scores what its run logged. Measured
-        on style c: re-estimated on plain images instead, ingredients lost up to 0.015 val F1."""
+        images augmented as in training, with the seed, image count and batch size of `like`'s run and epoch;
+        by default the reference ingredient's: the first, or a greedy soup's best), so one ingredient judged
+        here scores what its run logged. Measured on style c: re-estimated on plain images instead,
+        ingredients lost up to 0.015 val F1."""
         like = like or self.reference
         cfg = TrainConfig.from_dict(like.train_config) if like.train_config else TrainConfig()
         model = build_model(self.cfg)
