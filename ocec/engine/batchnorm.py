@@ -6,9 +6,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..data import augment
 from ..data.dataset import Split
 from ..data.sampling import to_float
 from ..models.model import OcecModel
+from .runtime import autocast
 
 BN_ADAPT_IMAGES = 20_000  # statistics of 20k images are as good as of all of them, and cost seconds
 
@@ -64,6 +66,37 @@ def adapt_batchnorm(
         norms[name].num_batches_tracked.copy_(steps)
     model.train(was_training)
     return count
+
+
+def reestimate_as_trained(
+    model: OcecModel,
+    split: Split,
+    *,
+    augment_level: str,
+    seed: int,
+    max_images: int,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    keep: frozenset[str] = frozenset(),
+) -> int:
+    """Precise BN: the statistics of the images the weights were trained on, augmented as in training by a
+    generator seeded with `seed`, in the numerics validation uses (measured on real eye crops: re-estimated
+    on plain images, a fine-tune's best val F1 fell from 0.962/0.972 to 0.924/0.952). The trainer calls it
+    before each validation (seed = run seed + epoch) and `ocec soup` with the same seed, so a checkpoint
+    judged again gets the very statistics its run saved."""
+    generator = torch.Generator(device).manual_seed(seed)
+    with autocast(device, amp_dtype):
+        return adapt_batchnorm(
+            model,
+            split,
+            batch_size=batch_size,
+            device=device,
+            max_images=max_images,
+            seed=seed,
+            keep=keep,
+            transform=lambda x: augment.augment_batch(x, augment_level, generator),
+        )
 
 
 def has_batchnorm(model: nn.Module) -> bool:

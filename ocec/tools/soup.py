@@ -24,13 +24,12 @@ from ..core.config import TrainConfig
 from ..core.errors import UserError
 from ..core.fileio import to_jsonable, write_json_atomic
 from ..core.progress import fmt
-from ..data.augment import augment_batch
 from ..data.dataset import load_dataset
 from ..data.decode import cache_location
-from ..engine.batchnorm import BN_ADAPT_IMAGES, adapt_batchnorm
+from ..engine.batchnorm import BN_ADAPT_IMAGES, adapt_batchnorm, reestimate_as_trained
 from ..engine.checkpoint import EPOCH_RE, save_checkpoint, training_payload
 from ..engine.inference import evaluate_split
-from ..engine.runtime import amp_dtype, autocast, resolve_device
+from ..engine.runtime import amp_dtype, resolve_device
 from ..finetune.pretrained import Snapshot, choose_best, load_pretrained_state, read_snapshot
 from ..models.model import build_model
 from .evaluate import split_settings_of
@@ -102,17 +101,16 @@ class Judge:
         if not like.epoch:  # a --pretrain start (epoch 0): --bn_adapt's plain images
             adapt_batchnorm(model, self.train, **common, max_images=BN_ADAPT_IMAGES, seed=cfg.seed)
             return model.eval()
-        seed = cfg.seed + like.epoch
-        generator = torch.Generator(self.device).manual_seed(seed)
-        with autocast(self.device, amp_dtype(self.device, cfg.use_amp)):
-            adapt_batchnorm(
-                model,
-                self.train,
-                **common,
-                max_images=cfg.precise_bn or BN_IMAGES,
-                seed=seed,
-                transform=lambda x: augment_batch(x, cfg.augment, generator),
-            )
+        reestimate_as_trained(
+            model,
+            self.train,
+            augment_level=cfg.augment,
+            seed=cfg.seed + like.epoch,
+            max_images=cfg.precise_bn or BN_IMAGES,
+            batch_size=cfg.batch_size,
+            device=self.device,
+            amp_dtype=amp_dtype(self.device, cfg.use_amp),
+        )
         return model.eval()
 
     def score(self, model, split=None) -> dict:

@@ -22,7 +22,6 @@ from ..core.errors import Interrupted, UserError
 from ..core.fileio import to_jsonable
 from ..core.metrics import binary_report, is_defined
 from ..core.progress import fmt, progress, quiet
-from ..data import augment
 from ..data.augment import augment_batch
 from ..data.sampling import (
     AUGMENT_STREAM,
@@ -34,7 +33,7 @@ from ..data.sampling import (
     to_float,
 )
 from ..engine import distributed
-from ..engine.batchnorm import adapt_batchnorm, freeze_batchnorm_statistics, frozen_batchnorm
+from ..engine.batchnorm import freeze_batchnorm_statistics, frozen_batchnorm, reestimate_as_trained
 from ..engine.checkpoint import INTERRUPTED_NAME, epoch_name, save_checkpoint
 from ..engine.distributed import (
     ONE_PROCESS,
@@ -352,20 +351,18 @@ def precise_batchnorm(job: Job, model, epoch: int) -> tuple[int, float]:
     ones trail weights that change fast, which early on shifts every embedding to one side: F1 0 at 0.5).
     The saved checkpoint holds these statistics, so `ocec eval` reproduces the logged F1. -> (images, s)"""
     started = time.perf_counter()
-    # The statistics of the images the weights were trained on: augmented as in training (measured on real
-    # eye crops: re-estimated on plain images, the fine-tune's best val F1 fell from 0.962/0.972 to 0.924/0.952).
-    augment_gen = torch.Generator(job.device).manual_seed(job.cfg.seed + epoch)
-    # every rank re-estimates on the same images (identical statistics), in the numerics validation uses
-    with local_batchnorm(), autocast(job.device, job.amp_dtype):
-        images = adapt_batchnorm(
+    # every rank re-estimates on the same images (identical statistics)
+    with local_batchnorm():
+        images = reestimate_as_trained(
             model,
             job.data.train,
+            augment_level=job.cfg.augment,
+            seed=job.cfg.seed + epoch,
+            max_images=job.cfg.precise_bn,
             batch_size=job.cfg.batch_size,
             device=job.device,
-            max_images=job.cfg.precise_bn,
-            seed=job.cfg.seed + epoch,
+            amp_dtype=job.amp_dtype,
             keep=frozen_batchnorm(job.learner.model),  # by the trained model's names: the EMA copy has the same
-            transform=lambda x: augment.augment_batch(x, job.cfg.augment, augment_gen),
         )
     return images, time.perf_counter() - started
 
