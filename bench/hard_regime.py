@@ -1,15 +1,17 @@
 """The hard regime, measured: many labels on a hard dataset B (`ocec synth --style c`), where the tiny model's
 capacity is the limit. A benchmark, not a test.
 
-    python bench/hard_regime.py                    # about 20 minutes on 2 CPU cores
+    python bench/hard_regime.py                    # about 60 minutes on 2 CPU cores
     python bench/hard_regime.py --seeds 1,2,3 --epochs 32 --json hard_regime.json
 
 It synthesises dataset A (style a) and B (style c), trains model A on A and a teacher on B (base 64, 6
-blocks, at 16x32: a quarter of the student's pixels, enough for 7-13 px crops), then for each seed:
+blocks, at 16x32: a quarter of the student's pixels, enough for 7-13 px crops), then for each seed (every
+run, A and the teacher too, on one schedule: --epochs, --plateau_patience):
 
   scratch             the student from scratch
   fine-tune           `--pretrain A` (its defaults)
   + teacher           `--pretrain A --teacher T` (the defaults --kd_alpha / --kd_temperature)
+  + teacher, blended  the same with `--kd_mixup 0.5` (function matching: the teacher labels blends of images)
   augment X           `--pretrain A --augment X` for each preset other than the fine-tuning default
 
 and, over every run fine-tuned from A (each row but scratch, each seed): a uniform and a greedy soup (`ocec
@@ -48,13 +50,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows_a", type=int, default=6000)
     parser.add_argument("--rows", type=int, default=16000, help="rows of B (style c); 80%% of them train")
-    parser.add_argument("--epochs", type=int, default=24, help="every student run")
-    parser.add_argument("--teacher_epochs", type=int, default=24)
+    parser.add_argument("--epochs", type=int, default=48, help="every run: A, the teacher, each student")
+    parser.add_argument(
+        "--plateau_patience",
+        type=int,
+        default=6,
+        help="every run; the scratch default (2) halves the LR every third epoch from about epoch 12, which stops "
+        "a 48-epoch run at about epoch 27 (docs/finetune.md recommends 5 or more for long fine-tunes)",
+    )
     parser.add_argument("--seeds", default="1,2")
     parser.add_argument("--data_seed", type=int, default=700)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--kd_alpha", type=float, default=TrainConfig.kd_alpha)
     parser.add_argument("--kd_temperature", type=float, default=TrainConfig.kd_temperature)
+    parser.add_argument("--kd_mixup", type=float, default=0.5, help="of the blended row")
     parser.add_argument("--no_augment", action="store_true", help="leave out the augmentation rows")
     args = parse_with_outputs(parser, "hard_regime.json", report_table)
 
@@ -71,26 +80,23 @@ def main() -> None:
         cache_dir=str(workdir / "cache"),
         keep_last=1,
         keep_best=1,
+        epochs=args.epochs,
+        plateau_patience=args.plateau_patience,
     )
-    student = {**common, "image_size": (32, 64), "base_channels": 16, "epochs": args.epochs}
+    student = {**common, "image_size": (32, 64), "base_channels": 16}
     model_a = run({**student, "data_root": str(data_a), "seed": 0}, workdir / "model_a")
     print(f"model A on A: val F1 {model_a['best_f1']:.4f} ({model_a['seconds']} s)", flush=True)
-    teacher = run(
-        {**common, **TEACHER, "data_root": str(data_b), "seed": 0, "epochs": args.teacher_epochs}, workdir / "teacher"
-    )
+    teacher = run({**common, **TEACHER, "data_root": str(data_b), "seed": 0}, workdir / "teacher")
     teacher = with_test_f1(teacher, data_b, common["cache_dir"])
     print(f"teacher on B: val F1 {teacher['best_f1']:.4f}, test {teacher['test_f1']:.4f} ({teacher['seconds']} s)")
 
-    finetune = {**common, "epochs": args.epochs, "data_root": str(data_b), "pretrain": [model_a["run"]]}
+    finetune = {**common, "data_root": str(data_b), "pretrain": [model_a["run"]]}
+    distil = {"teacher": [teacher["run"]], "kd_alpha": args.kd_alpha, "kd_temperature": args.kd_temperature}
     rows = {
         "scratch": {**student, "data_root": str(data_b)},
         "fine-tune": finetune,
-        "fine-tune + teacher": {
-            **finetune,
-            "teacher": [teacher["run"]],
-            "kd_alpha": args.kd_alpha,
-            "kd_temperature": args.kd_temperature,
-        },
+        "fine-tune + teacher": {**finetune, **distil},
+        "fine-tune + teacher, blended": {**finetune, **distil, "kd_mixup": args.kd_mixup},
     }
     if not args.no_augment:
         for level in AUGMENT_LEVELS:
@@ -163,12 +169,12 @@ def report_table(results: dict, seeds: list[int]) -> str:
         f"| teacher (scratch, base 64, 6 blocks, 16x32) | {teacher['best_f1']:.4f} | {teacher['test_f1']:.4f} |",
     ]
     lines += [f"| {name} | {cells(name, 'best_f1')} | {cells(name, 'test_f1')} |" for name in runs]
-    if "fine-tune + teacher" in runs:
+    for name in (n for n in runs if n.startswith("fine-tune + teacher")):
         share = []
         for key, top in (("best_f1", teacher["best_f1"]), ("test_f1", teacher["test_f1"])):
-            gain, gap = mean("fine-tune + teacher", key) - mean("fine-tune", key), top - mean("fine-tune", key)
+            gain, gap = mean(name, key) - mean("fine-tune", key), top - mean("fine-tune", key)
             share.append(f"{gain:+.4f} of {gap:+.4f} ({gain / gap:.0%})" if gap > 0 else f"{gain:+.4f} (no gap)")
-        lines.append(f"| fine-tune-to-teacher gap closed by the teacher | {share[0]} | {share[1]} |")
+        lines.append(f"| fine-tune-to-teacher gap closed by {name[len('fine-tune + ') :]} | {share[0]} | {share[1]} |")
     soups = results.get("soups", {})
     for method in ("uniform", "greedy"):
         if method in soups:

@@ -226,6 +226,7 @@ class TrainConfig:
     teacher: list[str] = field(default_factory=list)  # distillation: checkpoints/runs whose logits are averaged
     kd_alpha: float = 0.5  # weight of the distillation term (the margin loss gets 1 - kd_alpha)
     kd_temperature: float = 2.0
+    kd_mixup: float = 0.0  # with a teacher: blend each image with another, the other weighted U(0, kd_mixup)
     exclude: str | None = None  # rows of --data_root to drop, by image_path (e.g. ocec audit's label_issues.csv)
     exclude_top: int | None = None  # only the first N rows --exclude lists (by its rank column)
     relabel: str | None = None  # rows of --data_root whose label is flipped, by image_path
@@ -260,6 +261,10 @@ class TrainConfig:
             raise UserError(
                 f"--kd_alpha must be in (0, 1] and --kd_temperature > 0, got {self.kd_alpha}, {self.kd_temperature}"
             )
+        if not 0.0 <= self.kd_mixup <= 0.5:
+            raise UserError(f"--kd_mixup must be in [0, 0.5] (the blended-in image's top weight), got {self.kd_mixup}")
+        if self.kd_mixup and not self.teacher:
+            raise UserError("--kd_mixup blends images for distillation: it needs --teacher")
         if self.exclude_top is not None and (self.exclude_top < 1 or not self.exclude):
             raise UserError(f"--exclude_top must be >= 1 and needs --exclude FILE, got {self.exclude_top}")
         if self.epochs < 1:

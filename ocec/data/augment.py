@@ -151,3 +151,13 @@ def augment_batch(x: torch.Tensor, level: str, generator: torch.Generator) -> to
 
     # grid_sample returns NCHW whatever it was given: hand the model channels-last again
     return x.clamp_(0.0, 1.0).contiguous(memory_format=torch.channels_last)
+
+
+def blend_batch(x: torch.Tensor, most: float, generator: torch.Generator) -> torch.Tensor:
+    """Each image blended with another image of the batch, the other weighted U(0, most) with most <= 0.5,
+    so that each keeps its own label for the margin loss (mixup as "function matching", Beyer et al. 2022: the
+    teacher is asked about images between the training images, where its answer is not the label)."""
+    n = x.shape[0]
+    partner = torch.randperm(n, generator=generator, device=x.device)
+    weight = most * torch.rand(n, generator=generator, device=x.device, dtype=x.dtype).view(n, 1, 1, 1)
+    return torch.lerp(x, x[partner], weight).contiguous(memory_format=torch.channels_last)

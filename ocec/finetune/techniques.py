@@ -98,9 +98,9 @@ FEW_LABELS = 2000
 REGIMES = {
     ("far", "few"): "A's features barely separate B, yet with few labels A's start still gained in our "
     "measurements; use pseudo-labels only if they gain on your val split (docs/finetune.md, section 4)",
-    ("far", "many"): "A's features barely separate B and B has many labels: A's start gains little there, and "
-    "the lever is capacity: train a bigger teacher on B and distil it (--teacher), and compare with a run "
-    "without --pretrain (docs/finetune.md, section 4)",
+    ("far", "many"): "A's features barely separate B and B has many labels: A's start gains little there; "
+    "give the run a patient schedule (--plateau_patience 6), train a bigger teacher on B and distil it on blended "
+    "images (--teacher T --kd_mixup 0.5), and compare with a run without --pretrain (docs/finetune.md, section 4)",
     ("near", "few"): "A's features carry over and B has few labels: fine-tuning usually helps most here; "
     "pseudo-label the unlabelled rows (ocec pseudo-label) and keep them only if val F1 gains "
     "(docs/finetune.md, section 4)",

@@ -121,6 +121,13 @@ def add_train_flags(p) -> None:
     )
     g.add_argument("--kd_alpha", type=float, help="weight of the distillation loss, the margin loss gets the rest")
     g.add_argument("--kd_temperature", type=float, help="softens both logits before they are compared")
+    g.add_argument(
+        "--kd_mixup",
+        type=float,
+        metavar="W",
+        help="function matching: blend each training image with another of its batch (weight up to W <= 0.5, so "
+        "it keeps its label) and distil on the blend; 0: off",
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help="total epochs (also the target when resuming)")

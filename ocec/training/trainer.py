@@ -22,7 +22,7 @@ from ..core.errors import Interrupted, UserError
 from ..core.fileio import to_jsonable
 from ..core.metrics import binary_report, is_defined
 from ..core.progress import fmt, progress, quiet
-from ..data.augment import augment_batch
+from ..data.augment import augment_batch, blend_batch
 from ..data.sampling import (
     AUGMENT_STREAM,
     DROPOUT_STREAM,
@@ -156,6 +156,8 @@ def continue_epoch(job: Job, epoch: int, state: EpochState, stop: StopFlag) -> E
     while not state.finished and signum is None:
         idx = state.batch()
         x = augment_batch(to_float(pool.take(idx), device), cfg.augment, state.aug_gen)
+        if job.teacher is not None and cfg.kd_mixup > 0:
+            x = blend_batch(x, cfg.kd_mixup, state.aug_gen)
         y = pool.labels[idx].to(device, non_blocking=True)
         soft = job.teacher.logits(x) if job.teacher is not None else None  # the very batch the student sees
         with autocast(device, job.amp_dtype):

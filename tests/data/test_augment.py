@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ocec.data.augment import LEVELS, augment_batch
+from ocec.data.augment import LEVELS, augment_batch, blend_batch
 
 
 def test_augmentation_keeps_shape_dtype_and_range():
@@ -58,3 +58,21 @@ def test_the_shift_preset_greys_erases_and_lowers_the_resolution_of_a_share_of_t
     # noise images lose their high frequencies when blurred or resized: neighbour differences shrink for some
     rough = (out[..., 1:] - out[..., :-1]).abs().mean((1, 2, 3))
     assert int((rough < 0.5 * (x[..., 1:] - x[..., :-1]).abs().mean()).sum()) > 5
+
+
+def test_blending_keeps_each_image_dominant_and_follows_the_seed():
+    # image i is filled with the value i: a blend's value tells how much of another image went in
+    x = torch.arange(64, dtype=torch.float32).view(64, 1, 1, 1).expand(64, 3, 8, 16).contiguous() / 64
+    out = blend_batch(x, 0.5, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+    flat = out[:, 0]
+    assert torch.equal(flat, flat[:, :1, :1].expand_as(flat))  # one weight per image, not per pixel
+    moved = (out - x)[:, 0, 0, 0].abs()
+    assert int((moved > 1e-6).sum()) > 48  # nearly every image has a partner other than itself
+    # the partner weighs at most 0.5, so each image stays nearer to itself than to the furthest other
+    assert bool((moved <= 0.5 * (63 / 64) + 1e-6).all())
+    again = blend_batch(x, 0.5, torch.Generator().manual_seed(0))
+    other = blend_batch(x, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    light = blend_batch(x, 0.1, torch.Generator().manual_seed(0))
+    assert float((light - x).abs().max()) < float((out - x).abs().max())

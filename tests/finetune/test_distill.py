@@ -54,6 +54,16 @@ def test_the_teacher_sees_exactly_the_augmented_batch_the_student_trains_on(
     assert "teacher: 1 model(s)" in result.out and "baseline/avg (ocec_" in result.out
     assert history(only_run(tmp_path), drop=())[0]["teacher_seconds"] > 0
 
+    # --kd_mixup: both see the same blends, which are not the plain augmented batches of the same seed
+    plain = seen["teacher"][0]
+    seen["teacher"].clear(), seen["student"].clear()
+    flags = ["--teacher", teacher_run, "--augment", "default", "--kd_mixup", 0.5]
+    result = train(data_a, tmp_path / "blended", 1, *TINY, *flags)
+    assert result.code == 0, result.err
+    assert all(torch.equal(a, b) for a, b in zip(seen["teacher"], seen["student"]))
+    blended = seen["teacher"][0]
+    assert blended.shape == plain.shape and not torch.equal(blended, plain)
+
 
 def test_a_student_with_teachers_fine_tunes_and_resumes(train, ocec, data_a, trained_run, teacher_run, tmp_path):
     flags = ["--pretrain", trained_run, "--teacher", teacher_run, trained_run, "--kd_alpha", 0.7]
@@ -74,3 +84,7 @@ def test_a_teacher_for_another_question_is_refused_with_one_line(train, data_a, 
     assert "is not 0 closed, 1 open" in result.err
     result = train(data_a, tmp_path / "out", 1, *TINY, "--teacher", teacher_run, "--kd_alpha", 0)
     assert result.code == 2 and "--kd_alpha must be in (0, 1]" in result.err
+    result = train(data_a, tmp_path / "out", 1, *TINY, "--teacher", teacher_run, "--kd_mixup", 0.7)
+    assert result.code == 2 and "--kd_mixup must be in [0, 0.5]" in result.err
+    result = train(data_a, tmp_path / "out", 1, *TINY, "--kd_mixup", 0.5)
+    assert result.code == 2 and "--kd_mixup blends images for distillation: it needs --teacher" in result.err
