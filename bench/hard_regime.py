@@ -1,7 +1,7 @@
 """The hard regime, measured: many labels on a hard dataset B (`ocec synth --style c`), where the tiny model's
 capacity is the limit. A benchmark, not a test.
 
-    python bench/hard_regime.py                    # about 60 minutes on 2 CPU cores
+    python bench/hard_regime.py                    # about 50 minutes on 2 CPU cores
     python bench/hard_regime.py --seeds 1,2,3 --epochs 32 --json hard_regime.json
 
 It synthesises dataset A (style a) and B (style c), trains model A on A and a teacher on B (base 64, 6

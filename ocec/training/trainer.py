@@ -156,7 +156,7 @@ def continue_epoch(job: Job, epoch: int, state: EpochState, stop: StopFlag) -> E
     while not state.finished and signum is None:
         idx = state.batch()
         x = augment_batch(to_float(pool.take(idx), device), cfg.augment, state.aug_gen)
-        if job.teacher is not None and cfg.kd_mixup > 0:
+        if cfg.kd_mixup:  # only with a teacher (TrainConfig.validate); off, it draws no random numbers
             x = blend_batch(x, cfg.kd_mixup, state.aug_gen)
         y = pool.labels[idx].to(device, non_blocking=True)
         soft = job.teacher.logits(x) if job.teacher is not None else None  # the very batch the student sees
